@@ -1,0 +1,1 @@
+"""Federated QLoRA instruction tuning of Gemma2 with Flower (FedAvg or FlexLoRA)."""

@@ -1,0 +1,185 @@
+"""The app's settings: read once from Flower's run config into frozen dataclasses.
+
+Every module below the ServerApp and ClientApp receives these objects, never the raw
+run config, so a wrong value fails here, at start, with one line that names the key,
+the value and what is allowed; not twenty minutes later inside a training step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+QUANTIZATION_BITS = (0, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the app cannot run with; the message is one line."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    quantization: int
+    gradient_checkpointing: bool
+    lora: LoraSettings
+
+    @property
+    def is_local(self) -> bool:
+        """A local folder is named by a path; a hub id is `org/name` and never starts so."""
+        return self.name.startswith(("/", "./", "../", "~"))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seq_length: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    logging_steps: int
+    max_steps: int
+    learning_rate_max: float
+    learning_rate_min: float
+    save_every_round: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    name: str
+    num_partitions: int
+    data_files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    num_rounds: int
+    fraction_train: float
+    use_flexlora: bool
+
+    def nodes_per_round(self, num_nodes: int) -> int:
+        """Flower's FedAvg samples int(fraction * available); never fewer than one."""
+        return max(1, int(self.fraction_train * num_nodes))
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: ModelSettings
+    train: TrainSettings
+    dataset: DatasetSettings
+    strategy: StrategySettings
+    results_dir: Path
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
+        get = _Reader(run_config)
+        targets = tuple(t.strip() for t in get("model.lora.target-modules", str).split(",") if t.strip())
+        if not targets:
+            raise ConfigError("model.lora.target-modules = '': name at least one module, e.g. 'q_proj,v_proj'")
+        model = ModelSettings(
+            name=get("model.name", str, lambda v: bool(v.strip()), "a hub id or a local folder"),
+            quantization=get("model.quantization", int, lambda v: v in QUANTIZATION_BITS, "one of 0, 4, 8"),
+            gradient_checkpointing=get("model.gradient-checkpointing", bool),
+            lora=LoraSettings(
+                r=get("model.lora.r", int, _positive, "an integer > 0"),
+                alpha=get("model.lora.alpha", int, _positive, "an integer > 0"),
+                dropout=get("model.lora.dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                target_modules=targets,
+            ),
+        )
+        if model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model.name = {model.name!r}: no such local model folder (expected a config.json in it)")
+        lr_max = get("train.learning-rate-max", float, _positive, "a number > 0")
+        train = TrainSettings(
+            seq_length=get("train.seq-length", int, _positive, "an integer > 0"),
+            batch_size=get("train.batch-size", int, _positive, "an integer > 0"),
+            gradient_accumulation_steps=get("train.gradient-accumulation-steps", int, _positive, "an integer > 0"),
+            logging_steps=get("train.logging-steps", int, _positive, "an integer > 0"),
+            max_steps=get("train.max-steps", int, _positive, "an integer > 0"),
+            learning_rate_max=lr_max,
+            learning_rate_min=get(
+                "train.learning-rate-min", float, lambda v: 0 <= v <= lr_max, f"a number in [0, {lr_max}]"
+            ),
+            save_every_round=get("train.save-every-round", int, _positive, "an integer > 0"),
+            seed=get("train.seed", int),
+        )
+        files = tuple(f.strip() for f in get("dataset.data-files", str).split(",") if f.strip())
+        for f in files:
+            if not Path(f).expanduser().is_file():
+                raise ConfigError(f"dataset.data-files = {f!r}: no such file")
+        dataset = DatasetSettings(
+            name=get("static.dataset.name", str, lambda v: bool(v.strip()), "a hub dataset id"),
+            num_partitions=get("static.dataset.num-partitions", int, _positive, "an integer > 0"),
+            data_files=files,
+        )
+        strategy = StrategySettings(
+            num_rounds=get("num-server-rounds", int, _positive, "an integer > 0"),
+            fraction_train=get("static.strategy.fraction-train", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+            use_flexlora=get("strategy.use-flexlora", int, lambda v: v in (0, 1), "0 (FedAvg) or 1 (FlexLoRA)") == 1,
+        )
+        return cls(model, train, dataset, strategy, Path(get("results.dir", str)).expanduser())
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    partition_id: int
+    num_partitions: int
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> "NodeSettings":
+        get = _Reader(node_config, source="node config")
+        expected = app.dataset.num_partitions
+        num = get("num-partitions", int, lambda v: v == expected, f"{expected} (static.dataset.num-partitions)")
+        pid = get("partition-id", int, lambda v: 0 <= v < num, f"an integer in [0, {num - 1}]")
+        return cls(partition_id=pid, num_partitions=num)
+
+
+def _positive(value: float) -> bool:
+    return value > 0 and math.isfinite(value)
+
+
+class _Reader:
+    """Fetches one typed value, turning every problem into a one-line ConfigError."""
+
+    def __init__(self, config: Mapping[str, Any], source: str = "run config"):
+        self._config = config
+        self._source = source
+
+    def __call__(
+        self,
+        key: str,
+        kind: type,
+        check: Callable[[Any], bool] = lambda _: True,
+        allowed: str = "",
+    ) -> Any:
+        if key not in self._config:
+            raise ConfigError(f"{key}: missing from the {self._source}")
+        value = self._config[key]
+        typed = _coerce(value, kind)
+        if typed is None:
+            raise ConfigError(f"{key} = {value!r}: must be {allowed or 'a ' + kind.__name__}")
+        if not check(typed):
+            raise ConfigError(f"{key} = {value!r}: must be {allowed}")
+        return typed
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    """TOML and --node-config give ints, floats, bools or strings; accept only lossless matches."""
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        return value if isinstance(value, int) else None
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) else None
+    return value if isinstance(value, kind) else None

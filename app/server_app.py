@@ -1,0 +1,44 @@
+"""The ServerApp: samples nodes, aggregates their adapters, records every round.
+
+It needs neither a GPU nor the base weights: the initial adapter comes from the model's
+`config.json` (see `app.models.initial_adapter`) and checkpoints are plain PEFT files.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from app.checkpoint import RunRecorder, save_adapter
+from app.config import AppConfig
+from app.models import initial_adapter
+from app.strategy import LoraFedAvg
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = AppConfig.from_run_config(context.run_config)
+    run_dir = config.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+    aggregation = "flexlora" if config.strategy.use_flexlora else "fedavg"
+    recorder = RunRecorder(run_dir, config.model, config.train.save_every_round, config.strategy.num_rounds, aggregation)
+    initial = initial_adapter(config.model, config.train.seed)
+    save_adapter(initial, config.model, run_dir / "round-0")
+    num_nodes = config.dataset.num_partitions
+    strategy = LoraFedAvg(
+        use_flexlora=config.strategy.use_flexlora,
+        lora_rank=config.model.lora.r,
+        on_round=recorder,
+        fraction_train=config.strategy.fraction_train,
+        min_train_nodes=config.strategy.nodes_per_round(num_nodes),
+        min_available_nodes=num_nodes,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=config.strategy.num_rounds,
+        train_config=ConfigRecord(),
+    )

@@ -1,0 +1,121 @@
+"""Flower's FedAvg, made safe for LoRA updates and able to aggregate with FlexLoRA.
+
+Flower's own consistency check raises, and so ends the whole run, when one reply's
+keys differ; and it lets NaN tensors through. Here each reply is checked on its own
+against the global adapter: a bad one is rejected and logged, the rest aggregated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from app.aggregation import flexlora
+
+WEIGHT_KEY = "num-examples"
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did, for the metrics file: nothing about a round goes unrecorded."""
+
+    server_round: int
+    arrays: ArrayRecord | None
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    aggregate: dict[str, Any] = field(default_factory=dict)
+
+
+class LoraFedAvg(FedAvg):
+    def __init__(
+        self,
+        *,
+        use_flexlora: bool,
+        lora_rank: int,
+        on_round: Callable[[RoundReport], None],
+        **fedavg_args: Any,
+    ) -> None:
+        super().__init__(weighted_by_key=WEIGHT_KEY, fraction_evaluate=0.0, **fedavg_args)
+        self.use_flexlora = use_flexlora
+        self.lora_rank = lora_rank
+        self.on_round = on_round
+        self._global: ArrayRecord | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        answered, errored = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        accepted, rejected = [], []
+        for msg in answered:
+            problem = self.find_problem(msg.content)
+            if problem:
+                log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, msg.metadata.src_node_id, problem)
+                rejected.append({"node-id": msg.metadata.src_node_id, "reason": problem})
+            else:
+                accepted.append(msg)
+        arrays = metrics = None
+        if accepted:
+            contents = [msg.content for msg in accepted]
+            arrays = self._aggregate_arrays(contents)
+            metrics = self.train_metrics_aggr_fn(contents, WEIGHT_KEY)
+        else:
+            log(WARNING, "Round %d: no update to aggregate; the global adapter stays as it was", server_round)
+        self.on_round(
+            RoundReport(
+                server_round=server_round,
+                arrays=arrays if arrays is not None else self._global,
+                clients=[{"node-id": m.metadata.src_node_id, **_metrics_of(m.content)} for m in accepted],
+                rejected=rejected,
+                failed=[{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errored],
+                aggregate=dict(metrics) if metrics is not None else {},
+            )
+        )
+        return arrays, metrics
+
+    def find_problem(self, content: RecordDict) -> str | None:
+        """Why an update must not be aggregated, or None when it is sound."""
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "expected one ArrayRecord and one MetricRecord"
+        metrics = _metrics_of(content)
+        weight = metrics.get(WEIGHT_KEY)
+        if not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
+            return f"metric {WEIGHT_KEY} = {weight!r} is not a positive number"
+        arrays = next(iter(content.array_records.values()))
+        assert self._global is not None, "configure_train always runs before aggregate_train"
+        if set(arrays) != set(self._global):
+            missing, extra = set(self._global) - set(arrays), set(arrays) - set(self._global)
+            return f"adapter keys differ ({len(missing)} missing, {len(extra)} unexpected)"
+        for key, array in arrays.items():
+            expected = self._global[key]
+            if array.shape != expected.shape or array.dtype != expected.dtype:
+                return f"{key}: {array.dtype}{list(array.shape)} instead of {expected.dtype}{list(expected.shape)}"
+            if not np.isfinite(array.numpy()).all():
+                return f"{key}: contains NaN or infinite values"
+        return None
+
+    def _aggregate_arrays(self, contents: list[RecordDict]) -> ArrayRecord:
+        if not self.use_flexlora:
+            return aggregate_arrayrecords(contents, WEIGHT_KEY)
+        states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
+        weights = [float(_metrics_of(c)[WEIGHT_KEY]) for c in contents]
+        return ArrayRecord(flexlora(states, weights, self.lora_rank))
+
+
+def _metrics_of(content: RecordDict) -> dict[str, Any]:
+    return dict(next(iter(content.metric_records.values())))

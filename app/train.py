@@ -1,0 +1,74 @@
+"""The local training step: a fixed number of optimizer steps on one node's partition."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from app.config import TrainSettings
+from app.dataset import IGNORE_INDEX
+
+
+def cosine_learning_rate(server_round: int, num_rounds: int, lr_max: float, lr_min: float) -> float:
+    """The FlowerTune template's schedule: one cosine from lr_max towards lr_min over all rounds."""
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / num_rounds))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    seconds: float
+    tokens: int
+    peak_gpu_bytes: int
+
+
+def train_adapter(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    settings: TrainSettings,
+    learning_rate: float,
+) -> TrainResult:
+    """The round's learning rate stays constant inside the round; the cosine runs across rounds."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            logging_steps=settings.logging_steps,
+            max_steps=settings.max_steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            bf16=on_gpu,
+            save_strategy="no",
+            report_to=[],
+            seed=settings.seed,
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+            dataloader_pin_memory=on_gpu,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        )
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+    return TrainResult(
+        loss=float(output.training_loss),
+        seconds=seconds,
+        tokens=int(trainer.state.num_input_tokens_seen),
+        peak_gpu_bytes=torch.cuda.max_memory_allocated() if on_gpu else 0,
+    )

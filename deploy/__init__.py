@@ -1,0 +1,1 @@
+"""Lays the federation out over GPUs and machines, and starts it."""

@@ -1,0 +1,1 @@
+from deploy.cli import main; import sys; sys.exit(main())

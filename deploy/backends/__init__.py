@@ -1,0 +1,1 @@
+"""One module per way of starting a Topology; each takes the same Topology."""

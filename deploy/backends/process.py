@@ -1,0 +1,148 @@
+"""Starts a Topology as plain processes on this machine: no Docker needed.
+
+One `flower-superlink` and one `flower-supernode` per node, each SuperNode with its own
+FLWR_HOME, Runtime API port and `CUDA_VISIBLE_DEVICES`. Every process is started in its
+own process group so that stopping the deployment also stops the SuperExec and ClientApp
+processes Flower spawns beneath it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Mapping
+
+from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
+from deploy.topology import Topology
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Started:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    log: IO = field(repr=False)
+
+
+class ProcessDeployment:
+    """Use as a context manager: whatever happens inside, everything started is stopped."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        workdir: Path,
+        env: Mapping[str, str],
+        connection_name: str = "local-deployment",
+        bin_dir: Path = Path(sys.executable).parent,
+    ):
+        if len(topology.hosts) != 1:
+            raise DeployError(f"the process backend runs one host; this layout has {len(topology.hosts)}")
+        self.topology = topology
+        self.workdir = workdir.resolve()
+        self.bin_dir = bin_dir
+        # flower-superlink and -supernode start `flower-superexec` by name from PATH.
+        self.env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+        self.connection = Connection(connection_name, f"127.0.0.1:{topology.superlink_port}")
+        self.cli = FlwrCli(bin_dir / "flwr", self.workdir / "flwr-home", connection_name, self.env)
+        self._started: list[_Started] = []
+
+    def __enter__(self) -> "ProcessDeployment":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self, timeout: float = 180) -> None:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        register_connection(self.cli.flwr_home, self.connection)
+        self._start(
+            "superlink",
+            [
+                "flower-superlink",
+                "--insecure",
+                "--host", "127.0.0.1",
+                "--port", str(self.topology.superlink_port),
+                "--database", str(self.workdir / "superlink.db"),
+                # The app's dependencies are this environment's; never pip-install at run time.
+                "--disable-runtime-dependency-installation",
+            ],
+            {"FLWR_HOME": str(self.workdir / "superlink-home")},
+        )
+        for node in self.topology.nodes:
+            self._start(
+                node.name,
+                [
+                    "flower-supernode",
+                    "--insecure",
+                    "--superlink", self.connection.address,
+                    "--node-config", node.node_config,
+                    "--port", str(free_port()),
+                ],
+                {
+                    "FLWR_HOME": str(self.workdir / "nodes" / node.name),
+                    "CUDA_VISIBLE_DEVICES": "" if node.gpu is None else str(node.gpu),
+                },
+            )
+        self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)
+
+    def _start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log = log_path.open("w")
+        process = subprocess.Popen(
+            [str(self.bin_dir / argv[0]), *argv[1:]],
+            env={**self.env, **extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._started.append(_Started(name, process, log_path, log))
+
+    def check_alive(self) -> None:
+        for started in self._started:
+            code = started.process.poll()
+            if code is not None:
+                tail = started.log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise DeployError(f"{started.name} exited with code {code}: {tail[0]} (log: {started.log_path})")
+
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._started]
+
+    def down(self, grace: float = 15) -> None:
+        """SIGTERM to every process group, then SIGKILL for whatever outlives the grace period."""
+        for started in self._started:
+            _signal_group(started.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for started in self._started:
+            try:
+                started.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(started.process, signal.SIGKILL)
+            started.process.wait()
+            started.log.close()
+        self._started.clear()
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

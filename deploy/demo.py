@@ -1,0 +1,107 @@
+"""The small embedded default: a tiny random Gemma2, an offline tokenizer, Alpaca-style rows.
+
+It lets the whole deployment run on a CPU with no hub access, through exactly the
+loading code the real model and dataset use (a local folder, `json` data files).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+WORDS = (
+    "river mountain garden letter window planet engine market winter silver music paper "
+    "doctor island bridge forest coffee school summer animal basket candle mirror rocket"
+).split()
+TASKS = ("Describe", "Summarize", "Explain", "List three facts about", "Write a short poem about")
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    model_dir: Path
+    data_file: Path
+
+    def run_config(self) -> dict[str, object]:
+        """Overrides that point the app at these assets and keep a CPU round short."""
+        return {
+            "model.name": str(self.model_dir),
+            "model.quantization": 0,
+            "model.gradient-checkpointing": False,
+            "dataset.data-files": str(self.data_file),
+            "train.seq-length": 128,
+            "train.max-steps": 2,
+            "train.gradient-accumulation-steps": 1,
+        }
+
+
+def alpaca_rows(count: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        topic = " ".join(rng.sample(WORDS, 2))
+        rows.append(
+            {
+                "instruction": f"{rng.choice(TASKS)} {topic}.",
+                "input": "" if i % 3 else f"Context: {' '.join(rng.sample(WORDS, 4))}.",
+                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + ".",
+            }
+        )
+    return rows
+
+
+def build_demo(folder: Path, rows: int = 400, seed: int = 0) -> DemoAssets:
+    """Idempotent: reuses what an earlier call wrote into the same folder."""
+    assets = DemoAssets(model_dir=folder / "tiny-gemma2", data_file=folder / "alpaca.json")
+    if not assets.data_file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        assets.data_file.write_text(json.dumps(alpaca_rows(rows, seed)))
+    if not (assets.model_dir / "config.json").is_file():
+        _write_tiny_model(assets.model_dir, assets.data_file, seed)
+    return assets
+
+
+def _write_tiny_model(model_dir: Path, data_file: Path, seed: int) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+
+    from app.dataset import prompt_and_response
+
+    corpus = [" ".join(prompt_and_response(row)) for row in json.loads(data_file.read_text())]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=384, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(model_dir)
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        sliding_window=64,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = Gemma2ForCausalLM(config)
+    # The real checkpoint ships this generation setting; keep it so the tiny model trips
+    # the same transformers warning path the 9B one would.
+    model.generation_config = GenerationConfig(
+        cache_implementation="hybrid",
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(model_dir)

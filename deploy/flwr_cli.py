@@ -1,0 +1,123 @@
+"""Talks to a running SuperLink through Flower's own `flwr` CLI, as a user would.
+
+Both backends use it: the readiness check (`flwr supernode ls`), run submission
+(`flwr run . <connection>`), log streaming and the final status (`flwr ls`). Going
+through the CLI keeps us on Flower's supported surface and proves the connection
+entry we register is the one users type.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import tomli_w
+from flwr.common.config import unflatten_dict
+
+
+class DeployError(RuntimeError):
+    """The deployment did not come up or a run did not finish; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One `[superlink.<name>]` entry of Flower's config file."""
+
+    name: str
+    address: str
+    root_certificate: Path | None = None
+
+    def entry(self) -> dict[str, Any]:
+        if self.root_certificate is None:
+            return {"address": self.address, "insecure": True}
+        return {"address": self.address, "root-certificates": str(self.root_certificate.resolve())}
+
+
+def register_connection(flwr_home: Path, connection: Connection) -> Path:
+    """Adds or replaces the entry in `$FLWR_HOME/config.toml`, keeping the user's others."""
+    path = flwr_home / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink[connection.name] = connection.entry()
+    superlink.setdefault("default", connection.name)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+@dataclass
+class FlwrCli:
+    flwr: Path
+    flwr_home: Path
+    connection: str
+    env: Mapping[str, str]
+
+    def _run(self, *args: str, cwd: Path | None = None, capture: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.flwr), *args],
+            cwd=cwd,
+            env={**self.env, "FLWR_HOME": str(self.flwr_home)},
+            capture_output=capture,
+            text=True,
+        )
+
+    def _json(self, *args: str, cwd: Path | None = None) -> dict[str, Any] | None:
+        done = self._run(*args, "--format", "json", cwd=cwd)
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            return None
+
+    def online_nodes(self) -> int | None:
+        """None while the SuperLink does not answer yet."""
+        reply = self._json("supernode", "ls", self.connection)
+        if not reply or not reply.get("success"):
+            return None
+        return sum(1 for node in reply["nodes"] if node["status"] == "online")
+
+    def wait_for_nodes(self, expected: int, timeout: float, alive: Callable[[], None]) -> None:
+        """Polls the SuperLink's own node list; `alive` raises if a process we started died."""
+        deadline = time.monotonic() + timeout
+        online = None
+        while time.monotonic() < deadline:
+            alive()
+            online = self.online_nodes()
+            if online is not None and online >= expected:
+                return
+            time.sleep(1)
+        raise DeployError(f"only {online or 0} of {expected} SuperNodes online after {timeout:.0f} s")
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
+        """A TOML file carries the overrides, so paths with spaces or quotes survive intact."""
+        overrides = scratch / "run-config.toml"
+        overrides.write_text(tomli_w.dumps(unflatten_dict(dict(run_config))))
+        reply = self._json("run", str(app_dir), self.connection, "--run-config", str(overrides), cwd=app_dir)
+        if not reply or not reply.get("success"):
+            reason = (reply or {}).get("error-message", "no answer from flwr run")
+            raise DeployError(f"flwr run failed: {' '.join(str(reason).split())}")
+        return str(reply["run-id"])
+
+    def stream_logs(self, run_id: str) -> None:
+        """Blocks until the run finishes, printing the ServerApp's log as it goes."""
+        self._run("log", run_id, self.connection, "--stream", capture=False)
+
+    def status(self, run_id: str) -> tuple[str, str]:
+        reply = self._json("ls", self.connection, "--run-id", run_id)
+        if not reply or not reply.get("success") or not reply.get("runs"):
+            return "unknown", "flwr ls gave no answer"
+        run = reply["runs"][0]
+        return run["status"], run.get("status-details", "")
+
+    def wait_finished(self, run_id: str, timeout: float) -> tuple[str, str]:
+        """`flwr log --stream` can return a moment before the status flips to finished."""
+        deadline = time.monotonic() + timeout
+        status, details = self.status(run_id)
+        while not status.startswith("finished") and time.monotonic() < deadline:
+            time.sleep(1)
+            status, details = self.status(run_id)
+        return status, details

@@ -1,0 +1,45 @@
+"""The app's run config as `flwr run` will see it: pyproject defaults plus overrides.
+
+Validated here, before anything starts, with the same `AppConfig` the apps use; so a
+bad value stops the deploy tool with the app's own one-line message and a non-zero exit,
+not as a failed run twenty SuperNodes later.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from flwr.common.config import flatten_dict
+
+from app.config import AppConfig, ConfigError
+
+
+def default_run_config(app_dir: Path) -> dict[str, Any]:
+    pyproject = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    return flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], AppConfig]:
+    """Returns only the overrides to send (relative paths made absolute) and the checked config.
+
+    The ServerApp and ClientApps run in other working directories (or containers), so
+    local paths are resolved against the app folder here, once.
+    """
+    defaults = default_run_config(app_dir)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a run config key (see [tool.flwr.app.config] in pyproject.toml)")
+    sent = dict(overrides)
+    merged = {**defaults, **sent}
+
+    def absolute(path: str) -> str:
+        return str((app_dir / Path(path).expanduser()).resolve())
+
+    sent["results.dir"] = absolute(str(merged["results.dir"]))
+    if str(merged["model.name"]).startswith(("./", "../", "~")):
+        sent["model.name"] = absolute(str(merged["model.name"]))
+    if merged["dataset.data-files"]:
+        sent["dataset.data-files"] = ",".join(absolute(f.strip()) for f in str(merged["dataset.data-files"]).split(","))
+    return sent, AppConfig.from_run_config({**defaults, **sent})

@@ -1,0 +1,77 @@
+import tomllib
+
+import pytest
+
+from app.config import AppConfig, ConfigError, NodeSettings
+from tests.conftest import ROOT
+
+
+def test_pyproject_defaults_are_the_seed_job():
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert raw["static"] == {
+        "dataset": {"name": "vicgalle/alpaca-gpt4", "num-partitions": 20},
+        "strategy": {"fraction-train": 0.1},
+    }
+    from flwr.common.config import flatten_dict
+
+    config = AppConfig.from_run_config(flatten_dict(raw))
+    assert config.model.name == "GoToCompany/gemma2-9b-cpt-sahabatai-v1-instruct"
+    assert (config.model.quantization, config.model.lora.r, config.model.lora.alpha) == (4, 8, 16)
+    assert (config.train.batch_size, config.train.gradient_accumulation_steps, config.train.logging_steps) == (2, 4, 1)
+    assert (config.strategy.num_rounds, config.train.save_every_round, config.strategy.use_flexlora) == (10, 5, False)
+    assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
+
+
+def test_demo_config_is_valid(run_config):
+    config = AppConfig.from_run_config(run_config)
+    assert config.model.is_local and config.dataset.data_files
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.lora.r", -8, "model.lora.r = -8: must be an integer > 0"),
+        ("model.lora.r", 8.5, "model.lora.r = 8.5: must be an integer > 0"),
+        ("static.strategy.fraction-train", 1.5, "static.strategy.fraction-train = 1.5: must be a number in (0, 1]"),
+        ("static.strategy.fraction-train", 0.0, "static.strategy.fraction-train = 0.0: must be a number in (0, 1]"),
+        ("model.quantization", 3, "model.quantization = 3: must be one of 0, 4, 8"),
+        ("model.quantization", "4", "model.quantization = '4': must be one of 0, 4, 8"),
+        ("strategy.use-flexlora", 2, "strategy.use-flexlora = 2: must be 0 (FedAvg) or 1 (FlexLoRA)"),
+        ("model.gradient-checkpointing", 1, "model.gradient-checkpointing = 1: must be a bool"),
+        ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
+        ("dataset.data-files", "/no/such.json", "dataset.data-files = '/no/such.json': no such file"),
+        ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(run_config, key, value, message):
+    run_config[key] = value
+    with pytest.raises(ConfigError) as err:
+        AppConfig.from_run_config(run_config)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_key(run_config):
+    del run_config["train.max-steps"]
+    with pytest.raises(ConfigError, match=r"^train.max-steps: missing from the run config$"):
+        AppConfig.from_run_config(run_config)
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"partition-id": 20, "num-partitions": 20}, "partition-id = 20: must be an integer in [0, 19]"),
+        ({"partition-id": -1, "num-partitions": 20}, "partition-id = -1: must be an integer in [0, 19]"),
+        ({"partition-id": 0, "num-partitions": 10}, "num-partitions = 10: must be 20 (static.dataset.num-partitions)"),
+        ({"num-partitions": 20}, "partition-id: missing from the node config"),
+    ],
+)
+def test_bad_node_config(run_config, node_config, message):
+    with pytest.raises(ConfigError) as err:
+        NodeSettings.from_node_config(node_config, AppConfig.from_run_config(run_config))
+    assert str(err.value) == message
+
+
+def test_good_node_config(run_config):
+    node = NodeSettings.from_node_config({"partition-id": 19, "num-partitions": 20}, AppConfig.from_run_config(run_config))
+    assert (node.partition_id, node.num_partitions) == (19, 20)
