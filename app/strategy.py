@@ -45,7 +45,9 @@ class LoraFedAvg(FedAvg):
         on_round: Callable[[RoundReport], None],
         **fedavg_args: Any,
     ) -> None:
-        super().__init__(weighted_by_key=WEIGHT_KEY, fraction_evaluate=0.0, **fedavg_args)
+        super().__init__(
+            weighted_by_key=WEIGHT_KEY, fraction_evaluate=0.0, train_metrics_aggr_fn=summarize_round, **fedavg_args
+        )
         self.use_flexlora = use_flexlora
         self.lora_rank = lora_rank
         self.on_round = on_round
@@ -115,6 +117,21 @@ class LoraFedAvg(FedAvg):
         states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
         weights = [float(_metrics_of(c)[WEIGHT_KEY]) for c in contents]
         return ArrayRecord(flexlora(states, weights, self.lora_rank))
+
+
+def summarize_round(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Loss averaged by examples; work summed; time is the slowest node's, as the round waits for it."""
+    rows = [_metrics_of(c) for c in contents]
+    total = sum(float(r[weight_key]) for r in rows)
+    return MetricRecord(
+        {
+            "train-loss": sum(float(r["train-loss"]) * float(r[weight_key]) for r in rows) / total,
+            weight_key: total,
+            "train-tokens": sum(float(r["train-tokens"]) for r in rows),
+            "train-seconds": max(float(r["train-seconds"]) for r in rows),
+            "peak-gpu-bytes": max(float(r["peak-gpu-bytes"]) for r in rows),
+        }
+    )
 
 
 def _metrics_of(content: RecordDict) -> dict[str, Any]:
