@@ -51,12 +51,13 @@ class LoraFedAvg(FedAvg):
         self.use_flexlora = use_flexlora
         self.lora_rank = lora_rank
         self.on_round = on_round
-        self._global: ArrayRecord | None = None
+        # The global adapter the round's updates must match, set when the round is configured.
+        self.current: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._global = arrays
+        self.current = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -81,7 +82,7 @@ class LoraFedAvg(FedAvg):
         self.on_round(
             RoundReport(
                 server_round=server_round,
-                arrays=arrays if arrays is not None else self._global,
+                arrays=arrays if arrays is not None else self.current,
                 clients=[{"node-id": m.metadata.src_node_id, **_metrics_of(m.content)} for m in accepted],
                 rejected=rejected,
                 failed=[{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errored],
@@ -99,12 +100,12 @@ class LoraFedAvg(FedAvg):
         if not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
             return f"metric {WEIGHT_KEY} = {weight!r} is not a positive number"
         arrays = next(iter(content.array_records.values()))
-        assert self._global is not None, "configure_train always runs before aggregate_train"
-        if set(arrays) != set(self._global):
-            missing, extra = set(self._global) - set(arrays), set(arrays) - set(self._global)
+        assert self.current is not None, "configure_train always runs before aggregate_train"
+        if set(arrays) != set(self.current):
+            missing, extra = set(self.current) - set(arrays), set(arrays) - set(self.current)
             return f"adapter keys differ ({len(missing)} missing, {len(extra)} unexpected)"
         for key, array in arrays.items():
-            expected = self._global[key]
+            expected = self.current[key]
             if array.shape != expected.shape or array.dtype != expected.dtype:
                 return f"{key}: {array.dtype}{list(array.shape)} instead of {expected.dtype}{list(expected.shape)}"
             if not np.isfinite(array.numpy()).all():

@@ -1,0 +1,85 @@
+"""The ServerApp's weightless adapter, the client's model, and checkpoints PEFT can load."""
+
+import json
+import logging
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from app.checkpoint import RunRecorder, save_adapter
+from app.config import AppConfig
+from app.dataset import load_partition, tokenize_partition
+from app.models import build_model, initial_adapter, load_tokenizer
+from app.strategy import RoundReport
+from app.train import cosine_learning_rate, train_adapter
+
+
+def test_server_adapter_matches_the_clients_in_keys_shapes_dtypes(run_config):
+    config = AppConfig.from_run_config(run_config)
+    server = initial_adapter(config.model, seed=7)
+    client = get_peft_model_state_dict(build_model(config.model))
+    assert {k: (v.shape, v.dtype) for k, v in server.items()} == {k: (v.shape, v.dtype) for k, v in client.items()}
+    assert all(not v.any() for k, v in server.items() if "lora_B" in k)
+    assert all(v.abs().sum() > 0 for k, v in server.items() if "lora_A" in k)
+    torch.testing.assert_close(server, initial_adapter(config.model, seed=7))
+
+
+def test_generation_config_is_consistent_with_use_cache_off(run_config, tmp_path):
+    """The tiny model ships Gemma2's `cache_implementation="hybrid"`, as the 9B one does.
+
+    With `use_cache` off that setting makes transformers warn (older releases crashed while
+    formatting the warning) and refuse to save the model; our loading code clears it.
+    """
+    config = AppConfig.from_run_config(run_config)
+    model = build_model(config.model)
+    model.generation_config.validate(strict=True)
+    model.base_model.model.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "generation_config.json").is_file()
+
+
+def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_config, caplog):
+    config = AppConfig.from_run_config(run_config)
+    tokenizer = load_tokenizer(config.model)
+    data = tokenize_partition(load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train.seq_length)
+    with caplog.at_level(logging.WARNING):
+        model = build_model(config.model)
+        before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+        result = train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3)
+    after = get_peft_model_state_dict(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.tokens > 0 and result.loss > 0
+    assert not [r for r in caplog.records if "cache_implementation" in r.getMessage()]
+
+
+def test_cosine_schedule_runs_from_max_towards_min():
+    lrs = [cosine_learning_rate(r, 10, 5e-5, 1e-6) for r in range(1, 11)]
+    assert lrs == sorted(lrs, reverse=True)
+    assert abs(lrs[-1] - 1e-6) < 1e-12 and lrs[0] < 5e-5
+
+
+def test_recorder_saves_every_n_rounds_and_the_last_in_peft_format(run_config, tmp_path):
+    config = AppConfig.from_run_config(run_config)
+    recorder = RunRecorder(tmp_path / "run", config.model, save_every=2, num_rounds=3, aggregation="fedavg")
+    state = initial_adapter(config.model, seed=1)
+    for r in (1, 2, 3):
+        state = {k: v + r for k, v in state.items()}
+        recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=[{"node-id": r, "num-examples": 5}]))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "round-2", "round-3"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["round"], line["checkpoint"]) for line in lines] == [(1, None), (2, "round-2"), (3, "round-3")]
+
+    base = AutoModelForCausalLM.from_pretrained(config.model.name)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "run" / "round-3")
+    torch.testing.assert_close(get_peft_model_state_dict(loaded), state)
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(run_config, tmp_path):
+    config = AppConfig.from_run_config(run_config)
+    state = initial_adapter(config.model, seed=1)
+    target = save_adapter(state, config.model, tmp_path / "round-5")
+    (target / "stale.txt").write_text("left from an older save")
+    save_adapter(state, config.model, tmp_path / "round-5")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not (tmp_path / "round-5.partial").exists()

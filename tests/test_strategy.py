@@ -1,0 +1,108 @@
+"""LoraFedAvg on real Flower Messages: weighting, FlexLoRA, and rejection of bad updates."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from app.strategy import LoraFedAvg, RoundReport
+
+KEYS = ("m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight")
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    """Messages read the sender's identity from the runtime; give them one as a ServerApp would have."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def adapter(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {KEYS[0]: torch.randn(rank, 12, generator=g), KEYS[1]: torch.randn(10, rank, generator=g)}
+
+
+def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Message:
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    metrics = {"num-examples": examples, "train-loss": 1.0, "train-tokens": 5, "train-seconds": 1.0, "peak-gpu-bytes": 0}
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({**metrics, **extra_metrics})})
+    return Message(content, reply_to=instruction)
+
+
+def make_strategy(use_flexlora=False):
+    reports: list[RoundReport] = []
+    strategy = LoraFedAvg(use_flexlora=use_flexlora, lora_rank=4, on_round=reports.append, fraction_train=0.1)
+    strategy.current = ArrayRecord(adapter(0))
+    return strategy, reports
+
+
+def test_fedavg_weights_by_example_count():
+    strategy, reports = make_strategy()
+    a, b = adapter(1), adapter(2)
+    arrays, metrics = strategy.aggregate_train(1, [reply(11, a, examples=1), reply(12, b, examples=3)])
+    out = arrays.to_torch_state_dict()
+    for key in KEYS:
+        torch.testing.assert_close(out[key], 0.25 * a[key] + 0.75 * b[key])
+    assert metrics["num-examples"] == 4 and metrics["train-tokens"] == 10
+    assert [c["node-id"] for c in reports[0].clients] == [11, 12]
+    assert reports[0].arrays is arrays
+
+
+def test_flexlora_keeps_shapes_and_reproduces_the_weighted_product():
+    strategy, _ = make_strategy(use_flexlora=True)
+    a = adapter(1, rank=4)
+    b = {KEYS[0]: a[KEYS[0]], KEYS[1]: 3 * a[KEYS[1]]}  # same A: the weighted sum stays rank 4
+    arrays, _ = strategy.aggregate_train(1, [reply(11, a, 1), reply(12, b, 1)])
+    out = arrays.to_torch_state_dict()
+    assert out[KEYS[0]].shape == (4, 12) and out[KEYS[1]].shape == (10, 4)
+    expected = 0.5 * (a[KEYS[1]] @ a[KEYS[0]]) + 0.5 * (b[KEYS[1]] @ b[KEYS[0]])
+    torch.testing.assert_close(out[KEYS[1]] @ out[KEYS[0]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
+    strategy, reports = make_strategy()
+    good = adapter(1)
+    nan = adapter(2)
+    nan[KEYS[0]][0, 0] = float("nan")
+    wrong_keys = {"other.lora_A.weight": good[KEYS[0]], KEYS[1]: good[KEYS[1]]}
+    wrong_shape = adapter(3, rank=5)
+    crashed = Message(Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train"))
+    replies = [
+        reply(11, good),
+        reply(12, nan),
+        reply(13, wrong_keys),
+        reply(14, wrong_shape),
+        reply(15, good, examples=0),
+        crashed,
+    ]
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        arrays, _ = strategy.aggregate_train(3, replies)
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
+    out = arrays.to_torch_state_dict()
+    for key in KEYS:
+        torch.testing.assert_close(out[key], good[key])
+    report = reports[0]
+    assert [c["node-id"] for c in report.clients] == [11]
+    reasons = {r["node-id"]: r["reason"] for r in report.rejected}
+    assert set(reasons) == {12, 13, 14, 15}
+    assert "NaN" in reasons[12] and "keys differ" in reasons[13] and "[5, 12]" in reasons[14]
+    assert "num-examples" in reasons[15]
+    assert report.failed == [{"node-id": 16, "reason": "CUDA out of memory"}]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for node in (12, 13, 14, 15):
+        assert f"Round 3: rejected the update of node {node}" in logged
+
+
+def test_round_without_a_good_update_keeps_the_global_adapter():
+    strategy, reports = make_strategy()
+    nan = adapter(2)
+    nan[KEYS[1]][:] = float("inf")
+    arrays, metrics = strategy.aggregate_train(2, [reply(11, nan)])
+    assert arrays is None and metrics is None
+    assert reports[0].arrays is strategy.current and reports[0].clients == []
+    assert np.isfinite(strategy.current[KEYS[1]].numpy()).all()
