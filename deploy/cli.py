@@ -11,11 +11,14 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from app.config import ConfigError
+from deploy.backends.docker import DockerDeployment, prepare_host_folder
 from deploy.backends.process import ProcessDeployment, free_port
+from deploy.compose import RenderOptions, render, write
 from deploy.demo import build_demo
-from deploy.flwr_cli import DeployError
+from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
 from deploy.project import default_run_config, resolve_run_config
-from deploy.topology import Host, LayoutError, parse_gpus, plan
+from deploy.tls import make_certificates
+from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
 
 
 def _visible_gpus() -> tuple[int, ...]:
@@ -59,6 +62,105 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished:completed" else 1
 
 
+def _topology(args: argparse.Namespace):
+    nodes = int(default_run_config(args.app)["static.dataset.num-partitions"])
+    return plan(nodes, _hosts(args), superlink_address=args.superlink_address, superlink_port=args.port)
+
+
+def _render_options(args: argparse.Namespace) -> RenderOptions:
+    return RenderOptions(insecure=args.insecure, model=args.model, extra_volumes=tuple(args.volume or ()))
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in write(_topology(args), args.out, _render_options(args)):
+        print(path)
+    return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    """Run once per host before its SuperNodes start, so 20 nodes share one download."""
+    name = args.model or str(default_run_config(args.app)["model.name"])
+    if name.startswith(("/", ".", "~")):
+        if not (Path(name).expanduser() / "config.json").is_file():
+            raise ConfigError(f"model.name = {name!r}: no such local model folder (expected a config.json in it)")
+        print(f"{name}: local model, nothing to fetch")
+        return 0
+    from huggingface_hub import snapshot_download
+
+    print(f"{name}: cached at {snapshot_download(name, allow_patterns=['*.json', '*.safetensors', '*.model'])}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    files = make_certificates(args.out, args.name or ["superlink"])
+    prepare_host_folder(args.out)
+    print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """What compose's one-shot `submit` service runs: the seed job, with the app's defaults."""
+    root = None if args.insecure else Path(args.root_certificates)
+    flwr_home = Path.home() / ".flwr"
+    register_connection(flwr_home, Connection("stack", args.superlink, root))
+    cli = FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, "stack", dict(os.environ))
+    cli.wait_for_nodes(args.nodes, timeout=args.timeout, alive=lambda: None)
+    run_id = cli.submit(args.app, {}, flwr_home)
+    print(f"Run {run_id} submitted; streaming the ServerApp log.")
+    cli.stream_logs(run_id)
+    status, details = cli.wait_finished(run_id, timeout=60)
+    print(f"Run {run_id}: {status} {details}".rstrip())
+    return 0 if status == "finished:completed" else 1
+
+
+def _docker(args: argparse.Namespace) -> tuple[DockerDeployment, Topology]:
+    topology = _topology(args)
+    document = render(topology, _render_options(args))[topology.superlink_host]
+    return DockerDeployment(document, args.app, dict(os.environ)), topology
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    deployment, topology = _docker(args)
+    workdir = args.app / ".deploy"
+    names = ["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]
+    tls = None if args.insecure else make_certificates(workdir / "certs", names)
+    prepare_host_folder(workdir / "certs")
+    prepare_host_folder(args.app / "results")
+    deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
+    connection = Connection(
+        args.connection, f"127.0.0.1:{topology.superlink_port}", None if tls is None else tls.ca_cert
+    )
+    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    register_connection(flwr_home, connection)
+    cli = FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, args.connection, dict(os.environ))
+    local_nodes = len(topology.nodes_on(topology.superlink_host))
+    cli.wait_for_nodes(local_nodes, timeout=300, alive=lambda: None)
+    print(f"Stack up: {local_nodes} SuperNodes online. Submit with: flwr run . {args.connection}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    deployment, _ = _docker(args)
+    rows = [("service", "state", "health"), *deployment.status()]
+    for row in rows:
+        print(f"{row[0]:<16} {row[1]:<10} {row[2]}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    deployment, _ = _docker(args)
+    print(deployment.logs(args.service, tail=args.tail), end="")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    deployment, _ = _docker(args)
+    deployment.down()
+    print("Removed every container, network and volume `deploy up` created.")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="deploy", description=__doc__)
     root.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder (default: here)")
@@ -80,6 +182,54 @@ def parser() -> argparse.ArgumentParser:
     p_run.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
     p_run.add_argument("--workdir", type=Path, help="logs and Flower state (default: APP/.deploy)")
     p_run.set_defaults(func=cmd_run)
+
+    def stack_args(p: argparse.ArgumentParser) -> None:
+        layout_args(p)
+        p.add_argument("--superlink-address", help="address other hosts reach the SuperLink at (default: first host)")
+        p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"SuperLink port (default {DEFAULT_PORT})")
+        p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
+        p.add_argument("--model", help="model the fetch step caches (default: model.name in pyproject.toml)")
+        p.add_argument("--volume", action="append", help="extra SRC:DST[:ro] mount for app containers, e.g. data")
+
+    p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
+    stack_args(p_render)
+    p_render.add_argument("--out", type=Path, default=Path("."), help="folder for the files (default: here)")
+    p_render.set_defaults(func=cmd_render)
+
+    p_up = commands.add_parser("up", help="start this host's stack with Docker and wait until it is ready")
+    stack_args(p_up)
+    p_up.add_argument("--connection", default="remote-deployment", help="name registered in Flower's config")
+    p_up.add_argument("--no-submit", action="store_true", help="start the stack only; submit runs yourself")
+    p_up.set_defaults(func=cmd_up)
+    for name, func, text in (
+        ("status", cmd_status, "per-service state and health"),
+        ("down", cmd_down, "remove what `deploy up` started"),
+    ):
+        p = commands.add_parser(name, help=text)
+        stack_args(p)
+        p.set_defaults(func=func)
+    p_logs = commands.add_parser("logs", help="a service's recent log")
+    stack_args(p_logs)
+    p_logs.add_argument("service")
+    p_logs.add_argument("--tail", type=int, default=100)
+    p_logs.set_defaults(func=cmd_logs)
+
+    p_certs = commands.add_parser("certs", help="make the CA and the SuperLink certificate (compose runs it)")
+    p_certs.add_argument("--out", type=Path, default=Path(".deploy/certs"))
+    p_certs.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
+    p_certs.set_defaults(func=cmd_certs)
+
+    p_submit = commands.add_parser("submit", help="wait for the SuperNodes, run the app, stream its log")
+    p_submit.add_argument("--superlink", required=True, help="HOST:PORT")
+    p_submit.add_argument("--nodes", type=int, required=True, help="SuperNodes to wait for")
+    p_submit.add_argument("--root-certificates", default="/certs/ca.crt")
+    p_submit.add_argument("--insecure", action="store_true")
+    p_submit.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the SuperNodes")
+    p_submit.set_defaults(func=cmd_submit)
+
+    p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model (compose runs it)")
+    p_fetch.add_argument("--model", help="hub id or local folder (default: model.name in pyproject.toml)")
+    p_fetch.set_defaults(func=cmd_fetch_model)
     return root
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-DEFAULT_PORT = 9092
+DEFAULT_PORT = 8000  # Flower 1.42 serves Fleet, Control and Runtime APIs on this one port
 
 
 class LayoutError(ValueError):

@@ -1,0 +1,188 @@
+"""Starts one host's rendered compose document through the Docker SDK.
+
+The compose document (deploy/compose.py) is the single description of the stack; this
+backend reads it, so `docker compose up` and `deploy up` run the same containers. What
+the SDK adds: it waits on real health checks and on the SuperLink's own node list, and
+it labels everything it creates, so `down` removes exactly that and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import docker
+from docker.errors import NotFound
+from docker.types import DeviceRequest
+
+from deploy.compose import PROJECT
+from deploy.flwr_cli import DeployError
+
+LABEL = "flowertune-deploy.project"
+IMAGE_UID = 1000
+
+
+def _seconds_to_ns(text: str) -> int:
+    return int(float(text.rstrip("s")) * 1e9)
+
+
+class DockerDeployment:
+    def __init__(self, document: dict[str, Any], compose_dir: Path, env: dict[str, str]):
+        self.document = document
+        self.compose_dir = compose_dir.resolve()
+        self.env = env
+        self.client = docker.from_env()
+        self.project = document.get("name", PROJECT)
+        self.network_name = f"{self.project}_default"
+
+    # --- up -----------------------------------------------------------------
+    def up(self, timeout: float = 600, skip: frozenset[str] = frozenset()) -> None:
+        """Start services in dependency order, waiting on each dependency's condition."""
+        self._network()
+        for name in self.document.get("volumes", {}):
+            self._volume(name)
+        started: set[str] = set()
+        services = {n: s for n, s in self.document["services"].items() if n not in skip}
+        deadline = time.monotonic() + timeout
+        while len(started) < len(services):
+            ready = [
+                n for n, s in services.items()
+                if n not in started and all(d in started for d in s.get("depends_on", {}))
+            ]
+            if not ready:
+                raise DeployError(f"services with unmet dependencies: {sorted(set(services) - started)}")
+            for name in ready:
+                for dep, cond in services[name].get("depends_on", {}).items():
+                    self._wait(dep, cond["condition"], deadline)
+                self._run(name, services[name])
+                started.add(name)
+
+    def _network(self) -> None:
+        if not self.client.networks.list(names=[self.network_name]):
+            self.client.networks.create(self.network_name, driver="bridge", labels={LABEL: self.project})
+
+    def _volume(self, name: str) -> None:
+        full = f"{self.project}_{name}"
+        try:
+            self.client.volumes.get(full)
+        except NotFound:
+            self.client.volumes.create(full, labels={LABEL: self.project})
+
+    def _mounts(self, specs: list[str]) -> dict[str, dict[str, str]]:
+        volumes = {}
+        for spec in specs:
+            source, target, *mode = spec.split(":")
+            if source.startswith((".", "/", "~")):
+                path = (self.compose_dir / Path(source).expanduser()).resolve()
+                path.mkdir(parents=True, exist_ok=True)
+                source = str(path)
+            else:
+                source = f"{self.project}_{source}"
+            volumes[source] = {"bind": target, "mode": mode[0] if mode else "rw"}
+        return volumes
+
+    def _environment(self, service: dict[str, Any]) -> dict[str, str]:
+        """`${VAR:-}` entries are filled from the user's shell, as compose does; unset ones are left out."""
+        env = {}
+        for key, value in service.get("environment", {}).items():
+            if isinstance(value, str) and value.startswith("${"):
+                var = value[2:].split(":-")[0].rstrip("}")
+                if self.env.get(var):
+                    env[key] = self.env[var]
+            else:
+                env[key] = str(value)
+        return env
+
+    def _run(self, name: str, service: dict[str, Any]) -> None:
+        container_name = f"{self.project}-{name}"
+        try:
+            self.client.containers.get(container_name).remove(force=True)
+        except NotFound:
+            pass
+        kwargs: dict[str, Any] = {
+            "image": service["image"],
+            "command": service["command"],
+            "name": container_name,
+            "hostname": name,
+            "detach": True,
+            "labels": {LABEL: self.project, f"{LABEL}.service": name},
+            "environment": self._environment(service),
+            "volumes": self._mounts(service.get("volumes", [])),
+            "network": self.network_name,
+            "init": service.get("init", False),
+        }
+        restart = service.get("restart", "no")
+        if restart != "no":
+            kwargs["restart_policy"] = {"Name": restart}
+        if "ports" in service:
+            kwargs["ports"] = {f"{p.split(':')[1]}/tcp": int(p.split(":")[0]) for p in service["ports"]}
+        if "healthcheck" in service:
+            hc = service["healthcheck"]
+            kwargs["healthcheck"] = {
+                "test": hc["test"],
+                "interval": _seconds_to_ns(hc["interval"]),
+                "timeout": _seconds_to_ns(hc["timeout"]),
+                "retries": hc["retries"],
+            }
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        if devices:
+            kwargs["device_requests"] = [
+                DeviceRequest(driver=d["driver"], device_ids=d["device_ids"], capabilities=[d["capabilities"]])
+                for d in devices
+            ]
+        container = self.client.containers.create(**kwargs)
+        # The service name must resolve on the network, as it does under compose.
+        self.client.networks.get(self.network_name).disconnect(container)
+        self.client.networks.get(self.network_name).connect(container, aliases=[name])
+        container.start()
+
+    def _wait(self, service: str, condition: str, deadline: float) -> None:
+        container = self.client.containers.get(f"{self.project}-{service}")
+        while time.monotonic() < deadline:
+            container.reload()
+            state = container.attrs["State"]
+            if condition == "service_healthy" and state.get("Health", {}).get("Status") == "healthy":
+                return
+            if condition == "service_completed_successfully" and state["Status"] == "exited":
+                if state["ExitCode"] == 0:
+                    return
+                tail = container.logs(tail=3).decode(errors="replace").strip().splitlines()[-1:] or [""]
+                raise DeployError(f"{service} exited with code {state['ExitCode']}: {tail[0]}")
+            if condition == "service_started" and state["Running"]:
+                return
+            time.sleep(1)
+        raise DeployError(f"{service} not {condition.removeprefix('service_')} in time")
+
+    # --- status, logs, down -------------------------------------------------
+    def containers(self) -> list[Any]:
+        return self.client.containers.list(all=True, filters={"label": f"{LABEL}={self.project}"})
+
+    def status(self) -> list[tuple[str, str, str]]:
+        rows = []
+        for c in sorted(self.containers(), key=lambda c: c.name):
+            health = c.attrs["State"].get("Health", {}).get("Status", "-")
+            rows.append((c.labels.get(f"{LABEL}.service", c.name), c.status, health))
+        return rows
+
+    def logs(self, service: str, tail: int = 100) -> str:
+        return self.client.containers.get(f"{self.project}-{service}").logs(tail=tail).decode(errors="replace")
+
+    def down(self, volumes: bool = True) -> None:
+        for c in self.containers():
+            c.remove(force=True)
+        for n in self.client.networks.list(filters={"label": f"{LABEL}={self.project}"}):
+            n.remove()
+        if volumes:
+            for v in self.client.volumes.list(filters={"label": f"{LABEL}={self.project}"}):
+                v.remove(force=True)
+
+
+def prepare_host_folder(path: Path) -> None:
+    """Bind-mounted folders must be writable by the images' non-root user."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, IMAGE_UID, IMAGE_UID)
+

@@ -1,0 +1,94 @@
+"""Compose rendering: layouts over GPUs and hosts, schema-checked by `docker compose config`."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from deploy.compose import RenderOptions, dump, render, write
+from deploy.topology import Host, LayoutError, parse_gpus, plan
+from tests.conftest import ROOT
+
+NODES = 20
+
+
+def supernodes(document):
+    return {name: s for name, s in document["services"].items() if name.startswith("supernode-")}
+
+
+def node_config(service) -> str:
+    return service["command"][service["command"].index("--node-config") + 1]
+
+
+def gpu_of(service):
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return int(devices[0]["device_ids"][0]) if devices else None
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 3, 8])
+def test_single_host_puts_node_i_on_gpu_i_mod_g(gpus):
+    topology = plan(NODES, [Host("gpu-box", tuple(range(gpus)))])
+    (document,) = render(topology).values()
+    nodes = supernodes(document)
+    assert sorted(nodes) == sorted(f"supernode-{i}" for i in range(NODES))
+    for i in range(NODES):
+        service = nodes[f"supernode-{i}"]
+        assert node_config(service) == f"partition-id={i} num-partitions={NODES}"
+        assert gpu_of(service) == i % gpus
+        assert service["command"][service["command"].index("--superlink") + 1] == "superlink:8000"
+    assert {"superlink", "serverapp", "certs", "model-fetch", "submit"} <= set(document["services"])
+
+
+def test_explicit_gpu_ids_are_used_round_robin():
+    topology = plan(NODES, [Host("gpu-box", parse_gpus("2,5"))])
+    (document,) = render(topology).values()
+    assert [gpu_of(supernodes(document)[f"supernode-{i}"]) for i in range(4)] == [2, 5, 2, 5]
+
+
+def test_two_hosts_share_the_partitions_and_point_at_the_first():
+    topology = plan(NODES, [Host("alpha", (0, 1)), Host("beta", (0, 1, 2))], superlink_address="10.0.0.5")
+    documents = render(topology)
+    alpha, beta = documents["alpha"], documents["beta"]
+    assert "superlink" in alpha["services"] and "superlink" not in beta["services"]
+    assert "serverapp" not in beta["services"] and "model-fetch" in beta["services"]
+    partitions = [node_config(s) for d in (alpha, beta) for s in supernodes(d).values()]
+    assert sorted(partitions) == sorted(f"partition-id={i} num-partitions={NODES}" for i in range(NODES))
+    for service in supernodes(beta).values():
+        assert service["command"][service["command"].index("--superlink") + 1] == "10.0.0.5:8000"
+        assert "superlink" not in service["depends_on"]
+    assert len(supernodes(alpha)) == 8 and len(supernodes(beta)) == 12  # 2 of every 5 slots are alpha's
+    superlink_cert = alpha["services"]["certs"]["command"]
+    assert "10.0.0.5" in superlink_cert and "beta" in superlink_cert
+
+
+def test_insecure_is_an_explicit_opt_out():
+    (secure,) = render(plan(2, [Host("h")])).values()
+    (insecure,) = render(plan(2, [Host("h")]), RenderOptions(insecure=True)).values()
+    assert "--ssl-certfile" in secure["services"]["superlink"]["command"]
+    assert "--insecure" not in yaml.safe_dump(secure)
+    assert "--insecure" in insecure["services"]["superlink"]["command"]
+    assert "certs" not in insecure["services"]
+
+
+def test_layout_errors_are_one_line():
+    with pytest.raises(LayoutError, match=r"^--gpus '0,x': expected GPU ids such as 0,1,2,3$"):
+        parse_gpus("0,x")
+    with pytest.raises(LayoutError, match="distinct"):
+        plan(NODES, [Host("a"), Host("a")])
+
+
+def test_committed_compose_yaml_is_the_rendered_default():
+    """compose.yaml is `deploy render --gpus 0`: one CUDA host, 20 SuperNodes on GPU 0."""
+    expected = dump(render(plan(NODES, [Host("localhost", (0,))]))["localhost"])
+    assert (ROOT / "compose.yaml").read_text() == expected
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [[Host("localhost", (0,))], [Host("localhost", tuple(range(8)))], [Host("a", (0, 1)), Host("b", (0,))], [Host("cpu")]],
+    ids=["1gpu", "8gpu", "2hosts", "cpu"],
+)
+def test_docker_compose_accepts_every_rendered_file(hosts, tmp_path):
+    for path in write(plan(NODES, hosts), tmp_path):
+        done = subprocess.run(["docker", "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True)
+        assert done.returncode == 0, f"{path.name}: {done.stderr}"
