@@ -51,6 +51,7 @@ class TrainSettings:
     learning_rate_min: float
     save_every_round: int
     seed: int
+    max_trainings_per_gpu: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class AppConfig:
             ),
             save_every_round=get("train.save-every-round", int, _positive, "an integer > 0"),
             seed=get("train.seed", int),
+            max_trainings_per_gpu=get("train.max-trainings-per-gpu", int, lambda v: v >= 0, "0 (auto) or an integer > 0"),
         )
         files = tuple(f.strip() for f in get("dataset.data-files", str).split(",") if f.strip())
         for f in files:
@@ -133,6 +135,7 @@ class AppConfig:
 class NodeSettings:
     partition_id: int
     num_partitions: int
+    lock_dir: Path | None  # shared by the host's nodes for GPU admission; None: no limit
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> "NodeSettings":
@@ -140,7 +143,8 @@ class NodeSettings:
         expected = app.dataset.num_partitions
         num = get("num-partitions", int, lambda v: v == expected, f"{expected} (static.dataset.num-partitions)")
         pid = get("partition-id", int, lambda v: 0 <= v < num, f"an integer in [0, {num - 1}]")
-        return cls(partition_id=pid, num_partitions=num)
+        lock_dir = get("lock-dir", str) if "lock-dir" in node_config else None
+        return cls(partition_id=pid, num_partitions=num, lock_dir=Path(lock_dir) if lock_dir else None)
 
 
 def _positive(value: float) -> bool:

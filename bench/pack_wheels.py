@@ -56,6 +56,7 @@ TRIM = {
     "bitsandbytes-*": [
         "bitsandbytes/libbitsandbytes_rocm*.so",
         "bitsandbytes/libbitsandbytes_cuda1[12]*.so",
+        "bitsandbytes/libbitsandbytes_xpu*.so",
     ],
     "pyarrow-*": [
         "pyarrow/libarrow_flight.so*", "pyarrow/libarrow_s3.so*", "pyarrow/libarrow_python_flight.so*",

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from flwr.common.config import parse_config_args
@@ -15,6 +16,7 @@ from deploy.backends.docker import DockerDeployment, prepare_host_folder
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
 from deploy.demo import build_demo
+from deploy.images import GPU_BASE, build_images, missing_images
 from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
 from deploy.project import default_run_config, resolve_run_config
 from deploy.tls import make_certificates
@@ -117,21 +119,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _docker(args: argparse.Namespace) -> tuple[DockerDeployment, Topology]:
     topology = _topology(args)
     document = render(topology, _render_options(args))[topology.superlink_host]
-    return DockerDeployment(document, args.app, dict(os.environ)), topology
+    return DockerDeployment(document, args.dir or args.app, dict(os.environ)), topology
+
+
+def _flwr_home() -> Path:
+    """Where `flwr` looks for its config; the connection we register must land there."""
+    return Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+
+
+def cmd_up_process(args: argparse.Namespace) -> int:
+    """The same topology as plain processes, in the foreground until Ctrl-C."""
+    topology = _topology(args)
+    with ProcessDeployment(topology, (args.dir or args.app) / ".deploy", os.environ, args.connection) as deployment:
+        register_connection(_flwr_home(), deployment.connection)
+        print(f"{len(topology.nodes)} SuperNodes online. Submit with: flwr run . {args.connection} (Ctrl-C stops)")
+        while True:
+            deployment.check_alive()
+            time.sleep(5)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.backend == "process":
+        if not args.insecure:
+            raise DeployError("the process backend serves plain HTTP on 127.0.0.1: pass --insecure")
+        return cmd_up_process(args)
     deployment, topology = _docker(args)
-    workdir = args.app / ".deploy"
+    client = deployment.client
+    if args.build or missing_images(client):
+        print("Building images (docker/Dockerfile) ...")
+        build_images(args.app, args.base_image, args.torch)
     names = ["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]
-    tls = None if args.insecure else make_certificates(workdir / "certs", names)
-    prepare_host_folder(workdir / "certs")
-    prepare_host_folder(args.app / "results")
+    certs_dir = deployment.compose_dir / ".deploy" / "certs"
+    tls = None if args.insecure else make_certificates(certs_dir, names)
+    prepare_host_folder(certs_dir)
+    prepare_host_folder(deployment.compose_dir / "results")
     deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
     connection = Connection(
         args.connection, f"127.0.0.1:{topology.superlink_port}", None if tls is None else tls.ca_cert
     )
-    flwr_home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    flwr_home = _flwr_home()
     register_connection(flwr_home, connection)
     cli = FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, args.connection, dict(os.environ))
     local_nodes = len(topology.nodes_on(topology.superlink_host))
@@ -190,6 +216,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
         p.add_argument("--model", help="model the fetch step caches (default: model.name in pyproject.toml)")
         p.add_argument("--volume", action="append", help="extra SRC:DST[:ro] mount for app containers, e.g. data")
+        p.add_argument("--dir", type=Path, help="where compose-relative paths (certs, results) live (default: --app)")
 
     p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
     stack_args(p_render)
@@ -199,7 +226,11 @@ def parser() -> argparse.ArgumentParser:
     p_up = commands.add_parser("up", help="start this host's stack with Docker and wait until it is ready")
     stack_args(p_up)
     p_up.add_argument("--connection", default="remote-deployment", help="name registered in Flower's config")
+    p_up.add_argument("--backend", choices=("docker", "process"), default="docker", help="containers or local processes")
     p_up.add_argument("--no-submit", action="store_true", help="start the stack only; submit runs yourself")
+    p_up.add_argument("--build", action="store_true", help="rebuild the images even if they exist")
+    p_up.add_argument("--base-image", default=GPU_BASE, help="base image (default: the Dockerfile's CUDA PyTorch)")
+    p_up.add_argument("--torch", help="torch requirement for the wheelhouse; 'none' if the base has torch")
     p_up.set_defaults(func=cmd_up)
     for name, func, text in (
         ("status", cmd_status, "per-service state and health"),

@@ -176,7 +176,7 @@ def _supernode(node: Node, target: str, first: bool, options: RenderOptions) -> 
         "command": [
             "flower-supernode",
             "--superlink", target,
-            "--node-config", node.node_config,
+            "--node-config", f'{node.node_config} lock-dir="/locks"',
             *_tls_args(options, client=True),
         ],
         "environment": {"HF_TOKEN": "${HF_TOKEN:-}"},

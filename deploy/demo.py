@@ -59,6 +59,9 @@ def build_demo(folder: Path, rows: int = 400, seed: int = 0) -> DemoAssets:
         assets.data_file.write_text(json.dumps(alpaca_rows(rows, seed)))
     if not (assets.model_dir / "config.json").is_file():
         _write_tiny_model(assets.model_dir, assets.data_file, seed)
+    # Containers read these as another user; transformers writes its weights 0600.
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return assets
 
 

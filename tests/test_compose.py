@@ -17,7 +17,7 @@ def supernodes(document):
 
 
 def node_config(service) -> str:
-    return service["command"][service["command"].index("--node-config") + 1]
+    return service["command"][service["command"].index("--node-config") + 1].removesuffix(' lock-dir="/locks"')
 
 
 def gpu_of(service):

@@ -92,7 +92,7 @@ class ProcessDeployment:
                     "flower-supernode",
                     "--insecure",
                     "--superlink", self.connection.address,
-                    "--node-config", node.node_config,
+                    "--node-config", f'{node.node_config} lock-dir="{self.workdir / "locks"}"',
                     "--port", str(free_port()),
                 ],
                 {

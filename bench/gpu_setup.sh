@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Device helper, called by bench/gpu_smoke.sh: bash bench/gpu_setup.sh /var/tmp/ftvenv
+#
+# A venv on the GPU machine that sees the image's torch / transformers / peft / accelerate
+# (a .pth file adds the image's site-packages AFTER the venv's own, via site.addsitedir) and holds what the
+# image lacks: flwr 1.42, flwr-datasets, datasets, bitsandbytes, ... from the carried
+# .gpu-carry/pack/wheels.tar.xz (bench/pack_wheels.py makes it). The venv's bin/ then has
+# python next to flwr, flower-superlink, flower-supernode, flower-superexec, flwr-clientapp
+# and flwr-serverapp, as deploy/backends/process.py expects. Reused if already complete
+# (a warm machine keeps /var/tmp).
+set -eu
+VENV=${1:-/var/tmp/ftvenv}
+PACK=${PACK:-.gpu-carry/pack}
+check='import flwr, flwr_datasets, datasets, bitsandbytes, pyarrow, docker, yaml, tomli_w, cryptography'
+if [ -x "$VENV/bin/flower-superlink" ] && "$VENV/bin/python" -c "$check" 2>/dev/null; then
+  echo "gpu_setup: $VENV already complete"
+  exit 0
+fi
+t0=$(date +%s)
+OUTER=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+rm -rf "$VENV" /tmp/ftwheels
+mkdir -p /tmp/ftwheels
+tar -xJf "$PACK/wheels.tar.xz" -C /tmp/ftwheels
+python3 -m venv --without-pip "$VENV"
+PURE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# addsitedir (not a bare path line) so the image's own .pth files are honoured too.
+echo "import site; site.addsitedir('$OUTER')" > "$PURE/zz_device_image.pth"
+PIPWHL=$(ls "$PACK"/pip-*.whl | head -1)
+"$VENV/bin/python" "$PIPWHL/pip" install --no-index --no-deps --no-compile --ignore-installed --disable-pip-version-check -q /tmp/ftwheels/wheels/*.whl
+"$VENV/bin/python" - <<'PY'
+import importlib, sys
+print(sys.version)
+for m in ("flwr", "flwr_datasets", "datasets", "bitsandbytes", "pyarrow", "pandas", "torch", "transformers", "peft", "accelerate"):
+    mod = importlib.import_module(m)
+    print(f"  {m:14s} {getattr(mod, '__version__', '?'):12s} {mod.__file__}")
+PY
+ls "$VENV/bin" | tr '\n' ' '; echo
+echo "gpu_setup: done in $(( $(date +%s) - t0 )) s"

@@ -1,0 +1,53 @@
+"""Alpaca-format rows (instruction/input/output) with LONG outputs, for the real-size GPU smoke run.
+
+With the tiny demo tokenizer (deploy/demo.py, vocab ~300) every demo word is about one
+token, so ~600-word outputs make every row reach the 512-token truncation: each training
+step then sees full 2 x 512 batches, as the real Alpaca data mostly would not, which makes
+tokens/s comparable with the reference numbers in shared/README.md.
+
+    python bench/make_smoke_data.py --rows 400 --out .gpu-carry/smoke-alpaca.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.demo import TASKS, WORDS  # noqa: E402
+
+
+def long_rows(count: int, seed: int, words: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        topic = " ".join(rng.sample(WORDS, 2))
+        rows.append(
+            {
+                "instruction": f"{rng.choice(TASKS)} {topic}.",
+                "input": "" if i % 3 else f"Context: {' '.join(rng.sample(WORDS, 4))}.",
+                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(words, words + 100))) + ".",
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=400, help="at least 20 partitions x 10 rows")
+    ap.add_argument("--words", type=int, default=600, help="minimum words per output")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(long_rows(args.rows, args.seed, args.words)))
+    print(f"wrote {args.rows} rows to {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Builds the two images with the Docker SDK from a local wheelhouse (no registry needed).
+
+The wheelhouse is filled on the host first (`docker/wheelhouse.sh`), so the build itself
+never reaches the package index: the same path works air-gapped and in CI.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import docker
+from docker.errors import ImageNotFound
+
+from deploy.compose import APP_IMAGE, SUPERLINK_IMAGE
+
+# Targets of docker/Dockerfile and the tags compose files refer to.
+IMAGES = {"superlink": SUPERLINK_IMAGE, "app": APP_IMAGE}
+GPU_BASE = "default"  # keep the Dockerfile's own BASE_IMAGE (a CUDA PyTorch image)
+
+
+def missing_images(client: docker.DockerClient) -> list[str]:
+    missing = []
+    for tag in IMAGES.values():
+        try:
+            client.images.get(tag)
+        except ImageNotFound:
+            missing.append(tag)
+    return missing
+
+
+def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | None = None) -> dict[str, str]:
+    """Returns tag -> image id. A PyTorch base brings its own torch, so none is fetched for it."""
+    if torch_spec is None and base_image == GPU_BASE:
+        torch_spec = "none"
+    env = None if torch_spec is None else {**os.environ, "TORCH_SPEC": torch_spec}
+    subprocess.run(["bash", str(app_dir / "docker" / "wheelhouse.sh")], cwd=app_dir, check=True, env=env)
+    client = docker.from_env()
+    args = {} if base_image == GPU_BASE else {"BASE_IMAGE": base_image}
+    built = {}
+    for target, tag in IMAGES.items():
+        image, _ = client.images.build(
+            path=str(app_dir), dockerfile="docker/Dockerfile", target=target, tag=tag, buildargs=args, rm=True
+        )
+        built[tag] = image.id
+    return built
+

@@ -1,0 +1,89 @@
+"""End to end on a real Docker engine: `deploy up` a CPU stack of 20 SuperNode containers
+with TLS, run the app with `flwr run . remote-deployment`, then `deploy down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import docker
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from deploy.backends.docker import LABEL
+from deploy.compose import PROJECT
+from deploy.flwr_cli import FlwrCli
+from tests.conftest import ROOT
+
+BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
+
+
+def deploy(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], env=env, text=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def stack(demo, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "FLWR_HOME": str(workdir / "flwr-home")}
+    client = docker.from_env()
+    canary = client.volumes.create("unrelated-volume")  # `down` must leave what it did not create
+    layout = ["--gpus", "", "--dir", str(workdir), "--volume", f"{demo.model_dir.parent}:/demo:ro"]
+    up = deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", BASE_IMAGE, env=env)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield workdir, env, client
+    finally:
+        down = deploy("down", *layout, env=env)
+        assert down.returncode == 0, down.stderr
+        leftovers = (
+            client.containers.list(all=True, filters={"label": f"{LABEL}={PROJECT}"})
+            + client.networks.list(filters={"label": f"{LABEL}={PROJECT}"})
+            + client.volumes.list(filters={"label": f"{LABEL}={PROJECT}"})
+        )
+        assert leftovers == []
+        client.volumes.get("unrelated-volume")
+        canary.remove()
+
+
+def test_status_shows_every_service_running(stack):
+    workdir, env, _ = stack
+    status = deploy("status", "--gpus", "", "--dir", str(workdir), env=env)
+    lines = status.stdout.splitlines()[1:]
+    states = {line.split()[0]: line.split()[1:] for line in lines}
+    assert states["superlink"] == ["running", "healthy"]
+    assert states["certs"][0] == "exited" and states["model-fetch"][0] == "exited"
+    assert sum(1 for name, s in states.items() if name.startswith("supernode-") and s[0] == "running") == 20
+
+
+@pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
+def test_two_rounds_over_tls(stack, demo, use_flexlora, tmp_path):
+    workdir, env, _ = stack
+    config = (workdir / "flwr-home" / "config.toml").read_text()
+    assert "remote-deployment" in config and "root-certificates" in config and "insecure" not in config
+    cli = FlwrCli(Path(sys.executable).parent / "flwr", workdir / "flwr-home", "remote-deployment", env)
+    overrides = {
+        **demo.run_config(),
+        "model.name": "/demo/tiny-gemma2",
+        "dataset.data-files": "/demo/alpaca.json",
+        "num-server-rounds": 2,
+        "strategy.use-flexlora": use_flexlora,
+    }
+    before = set((workdir / "results").glob("*-run*"))
+    run_id = cli.submit(ROOT, overrides, tmp_path)
+    cli.stream_logs(run_id)
+    status, details = cli.wait_finished(run_id, timeout=60)
+    assert status == "finished:completed", details
+    (run_dir,) = set((workdir / "results").glob("*-run*")) - before
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["clients"]) for r in rounds] == [2, 2]
+    base = AutoModelForCausalLM.from_pretrained(demo.model_dir)
+    final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / "round-2"))
+    initial = load_file(run_dir / "round-0" / "adapter_model.safetensors")
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
