@@ -12,29 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.demo import TASKS, WORDS  # noqa: E402
+from deploy.demo import alpaca_rows  # noqa: E402
 
 
 def long_rows(count: int, seed: int, words: int) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        topic = " ".join(rng.sample(WORDS, 2))
-        rows.append(
-            {
-                "instruction": f"{rng.choice(TASKS)} {topic}.",
-                "input": "" if i % 3 else f"Context: {' '.join(rng.sample(WORDS, 4))}.",
-                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(words, words + 100))) + ".",
-            }
-        )
-    return rows
+    """The demo's rows with outputs long enough to reach the 512-token truncation."""
+    return alpaca_rows(count, seed, (words, words + 100))
 
 
 def main() -> None:

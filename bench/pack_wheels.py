@@ -6,6 +6,12 @@ accelerate, numpy, huggingface_hub, tokenizers, safetensors, pillow, jinja2... b
 flwr-datasets, datasets, bitsandbytes, pyarrow, etc., and no internet.
 
     python bench/pack_wheels.py --download /tmp/whl --out .gpu-carry/pack
+    cp pip-26.0.1-py3-none-any.whl .gpu-carry/pack/    # bench/gpu_setup.sh runs pip from it
+
+As used on 2026-11-25 (47 wheels, 21.2 MiB): the default --exclude leaves out what the
+device image already has in a compatible version (its pip list: bench/results/inventory.txt);
+the venv still shadows packaging, protobuf, rich, typer and fsspec, whose device versions
+(26.3, 7.36, 15.0, 0.27, 2026.7) are outside flwr 1.42's / datasets 4.8.5's pins.
 
 What it does:
   1. `pip download` the closure of flwr 1.42 / flwr-datasets 0.6.1 / datasets / bitsandbytes
@@ -51,6 +57,14 @@ SKIP = [
     "torch-*", "nvidia_*", "cuda_*", "triton-*", "numpy-*", "sympy-*", "mpmath-*", "networkx-*",
     "jinja2-*", "markupsafe-*", "filelock-*", "huggingface_hub-*", "hf_xet-*", "pillow-*",
     "uv-*",  # only for `uv sync` runtime installs, which the launcher disables
+]
+# On the device image in a version our pins accept (inventory of 2026-11-25).
+DEVICE_PRESENT = [
+    "pyarrow-*", "pandas-*", "matplotlib-*", "fonttools-*", "kiwisolver-*", "contourpy-*", "cycler-*",
+    "pyparsing-*", "seaborn-*", "python_dateutil-*", "uvloop-*", "grpcio-1*", "aiohttp-*", "multidict-*",
+    "yarl-*", "propcache-*", "frozenlist-*", "aiosignal-*", "aiohappyeyeballs-*", "attrs-*", "pygments-*",
+    "xxhash-*", "tqdm-*", "requests-*", "httpx-*", "httpcore-*", "h11-*", "mdurl-*", "shellingham-*",
+    "typing_extensions-*", "pathspec-*",
 ]
 TRIM = {
     "bitsandbytes-*": [
@@ -98,7 +112,8 @@ def main() -> None:
     ap.add_argument("--download", type=Path, default=Path("/tmp/whl"))
     ap.add_argument("--skip-download", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(".gpu-carry/pack"))
-    ap.add_argument("--exclude", nargs="*", default=[], help="more wheel name patterns to leave out")
+    ap.add_argument("--exclude", nargs="*", default=DEVICE_PRESENT,
+                    help="more wheel name patterns to leave out (default: what the device image has)")
     args = ap.parse_args()
     if not args.skip_download:
         download(args.download)

@@ -1,97 +1,199 @@
-"""One process, no Flower: load the model through app.models.build_model (NF4 + LoRA) and train a few steps.
+"""One process, no Flower: load the model (NF4 + LoRA) our way or the FlowerTune template's way, and train a few steps.
 
 Checks the GPU stack (transformers/peft there, bitsandbytes carried) before the federated
 smoke run, and measures load time, memory after load, peak memory and tokens/s with the
-seed's client settings (batch 2 x 512, grad accumulation 4, gradient checkpointing on).
+seed's client settings (batch 2 x 512, grad accumulation 4).
 
-Device command (inside bench/gpu_call1.sh):
+Variants (the training loop below is the same for both):
+  ours      app.models.build_model: bf16 norms/embeddings, checkpointing with use_reentrant=False
+  template  the FlowerTune template's get_model: same BitsAndBytesConfig and LoraConfig, but
+            peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...) first
+            (it upcasts every non-4-bit parameter, the 256k-row embedding too, to float32)
+
+Device commands (inside bench/gpu_call1.sh and bench/gpu_memory_side_by_side.sh):
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
+    PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
+CPU check of the logic (no quantization, tiny model):
+    PYTHONPATH=. python bench/qlora_step_check.py --model .gpu-carry/demo/tiny-gemma2 --quantization 0 --seq 32 --variant template
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import sys
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2**30
+
+
+def build_template(settings, torch):
+    """The FlowerTune template's models.get_model, with our BitsAndBytesConfig and from_pretrained arguments."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from app.models import _quantization, lora_config
+
+    on_gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        settings.name,
+        quantization_config=_quantization(settings.quantization),
+        dtype=torch.bfloat16 if on_gpu else torch.float32,
+        device_map={"": 0} if on_gpu else None,
+        attn_implementation="eager",  # same attention as ours, so only the preparation differs
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    if settings.gradient_checkpointing:
+        model.config.use_cache = False
+    return get_peft_model(model, lora_config(settings))
+
+
+def checkpointing_info(model) -> dict:
+    """Whether the decoder layers checkpoint, and the kwargs their checkpoint function got."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        return {}
+    layer = layers[0]
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    keywords = dict(getattr(func, "keywords", {}) or {})
+    return {
+        "layer_gradient_checkpointing": bool(getattr(layer, "gradient_checkpointing", False)),
+        "checkpoint_kwargs": {k: repr(v) for k, v in keywords.items()},
+    }
+
+
+def param_bytes_by_dtype(model) -> dict:
+    out: dict[str, float] = {}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key = f"{type(p).__name__}:{p.dtype}"
+        out[key] = out.get(key, 0) + p.numel() * p.element_size()
+    return {k: round(v / GIB, 3) for k, v in sorted(out.items())}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
+    ap.add_argument("--variant", choices=("ours", "template"), default="ours")
+    ap.add_argument("--checkpointing", choices=("on", "off"), default="on")
+    ap.add_argument("--no-gc", action="store_true", help="same as --checkpointing off")
+    ap.add_argument("--quantization", type=int, default=4, choices=(0, 4, 8), help="0 only for the CPU check")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (after one untimed step)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--no-gc", action="store_true")
+    ap.add_argument("--max-token-id", type=int, default=300, help="random ids in [3, this): inside the tokenizer's vocab")
+    ap.add_argument("--label", default="", help="a name for this configuration in the JSON")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    gc_on = args.checkpointing == "on" and not args.no_gc
 
     t0 = time.perf_counter()
     import torch
-    import bitsandbytes
     import peft
     import transformers
+
+    try:
+        import bitsandbytes
+
+        bnb_version = bitsandbytes.__version__
+    except ImportError:
+        if args.quantization:
+            raise
+        bnb_version = None
 
     from app.config import LoraSettings, ModelSettings
     from app.models import build_model
 
     import_s = time.perf_counter() - t0
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     settings = ModelSettings(
         name=args.model,
-        quantization=4,
-        gradient_checkpointing=not args.no_gc,
+        quantization=args.quantization,
+        gradient_checkpointing=gc_on,
         lora=LoraSettings(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj")),
     )
+    process_used = [0]
+
+    def sample_process_memory() -> None:
+        # Device-wide used memory (CUDA context + caching allocator); this process is the GPU's only one.
+        if on_gpu:
+            free, total = torch.cuda.mem_get_info()
+            process_used[0] = max(process_used[0], total - free)
+
     t0 = time.perf_counter()
-    model = build_model(settings)
-    torch.cuda.synchronize()
+    model = build_model(settings) if args.variant == "ours" else build_template(settings, torch)
+    sync()
     load_s = time.perf_counter() - t0
-    after_load = torch.cuda.memory_allocated()
+    after_load = torch.cuda.memory_allocated() if on_gpu else 0
+    reserved_after_load = torch.cuda.memory_reserved() if on_gpu else 0
+    sample_process_memory()
+    used_after_load = process_used[0]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def step() -> float:
         total = 0.0
         for _ in range(args.accum):
-            ids = torch.randint(3, 300, (args.batch, args.seq), device="cuda", generator=gen)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss / args.accum
+            ids = torch.randint(3, args.max_token_id, (args.batch, args.seq), device=device, generator=gen)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=on_gpu):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss / args.accum
             loss.backward()
+            sample_process_memory()
             total += loss.item()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sample_process_memory()
         return total
 
-    torch.cuda.reset_peak_memory_stats()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     first_loss = step()
-    torch.cuda.synchronize()
+    sync()
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses = [step() for _ in range(args.steps)]
-    torch.cuda.synchronize()
+    sync()
     train_s = time.perf_counter() - t0
     tokens = args.steps * args.accum * args.batch * args.seq
     result = {
+        "label": args.label,
+        "variant": args.variant,
+        "gradient_checkpointing": gc_on,
+        "quantization": args.quantization,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__,
+            "bitsandbytes": bnb_version,
         },
-        "gpu": torch.cuda.get_device_name(0),
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
         "import_seconds": round(import_s, 2),
         "load_quantize_seconds": round(load_s, 2),
-        "gib_after_load": round(after_load / 2**30, 2),
+        "gib_after_load": round(after_load / GIB, 2),
+        "reserved_gib_after_load": round(reserved_after_load / GIB, 2),
+        "process_used_gib_after_load": round(used_after_load / GIB, 2),
+        "param_gib_by_type_dtype": param_bytes_by_dtype(model),
+        "checkpointing": checkpointing_info(model),
         "trainable_params": trainable,
-        "gradient_checkpointing": not args.no_gc,
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        "batch": args.batch,
+        "seq": args.seq,
+        "accum": args.accum,
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 2) if on_gpu else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2) if on_gpu else None,
+        "process_used_peak_gib": round(process_used[0] / GIB, 2) if on_gpu else None,
+        "warmup_step_seconds": round(warmup_s, 2),
         "timed_optimizer_steps": args.steps,
         "tokens_timed": tokens,
         "train_seconds": round(train_s, 2),

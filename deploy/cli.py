@@ -16,10 +16,10 @@ from deploy.backends.docker import DockerDeployment, prepare_host_folder
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
 from deploy.demo import build_demo
-from deploy.images import GPU_BASE, build_images, missing_images
+from deploy.images import GPU_BASE, build_images, outdated_images
 from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
 from deploy.project import default_run_config, resolve_run_config
-from deploy.tls import make_certificates
+from deploy.tls import TlsFiles, make_certificates, make_node_keys
 from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
 
 
@@ -97,7 +97,23 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     files = make_certificates(args.out, args.name or ["superlink"])
     prepare_host_folder(args.out)
+    if args.keys_out:
+        make_node_keys(args.keys_out, [f"supernode-{i}" for i in range(args.nodes)])
+        prepare_host_folder(args.keys_out)
+        print(f"SuperNode keys: {args.keys_out} (copy each node's .key to the host that runs it)")
     print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
+    return 0
+
+
+def cmd_register_nodes(args: argparse.Namespace) -> int:
+    register_connection(Path.home() / ".flwr", Connection("stack", args.superlink, Path(args.root_certificates)))
+    cli = FlwrCli(Path(sys.executable).parent / "flwr", Path.home() / ".flwr", "stack", dict(os.environ))
+    keys = sorted(args.keys.glob("*.pub"))
+    if not keys:
+        raise DeployError(f"--keys {args.keys}: no public keys (*.pub) there")
+    for key in keys:
+        cli.register_node(key)
+    print(f"{len(keys)} SuperNode keys registered")
     return 0
 
 
@@ -145,18 +161,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return cmd_up_process(args)
     deployment, topology = _docker(args)
     client = deployment.client
-    if args.build or missing_images(client):
-        print("Building images (docker/Dockerfile) ...")
+    if args.build or outdated_images(client, args.app):
+        print("Building images (docker/Dockerfile); the torch layer is reused when only code changed ...")
         build_images(args.app, args.base_image, args.torch)
-    names = ["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]
-    certs_dir = deployment.compose_dir / ".deploy" / "certs"
-    tls = None if args.insecure else make_certificates(certs_dir, names)
-    prepare_host_folder(certs_dir)
     prepare_host_folder(deployment.compose_dir / "results")
+    # The `certs` service makes the CA and keys, as under `docker compose up`.
     deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
-    connection = Connection(
-        args.connection, f"127.0.0.1:{topology.superlink_port}", None if tls is None else tls.ca_cert
-    )
+    ca = None if args.insecure else TlsFiles.in_folder(deployment.compose_dir / ".deploy" / "certs").ca_cert
+    connection = Connection(args.connection, f"127.0.0.1:{topology.superlink_port}", ca)
     flwr_home = _flwr_home()
     register_connection(flwr_home, connection)
     cli = FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, args.connection, dict(os.environ))
@@ -248,7 +260,15 @@ def parser() -> argparse.ArgumentParser:
     p_certs = commands.add_parser("certs", help="make the CA and the SuperLink certificate (compose runs it)")
     p_certs.add_argument("--out", type=Path, default=Path(".deploy/certs"))
     p_certs.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
+    p_certs.add_argument("--keys-out", type=Path, help="folder for the SuperNodes' key pairs")
+    p_certs.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs")
     p_certs.set_defaults(func=cmd_certs)
+
+    p_register = commands.add_parser("register-nodes", help="register SuperNode public keys (compose runs it)")
+    p_register.add_argument("--superlink", required=True, help="HOST:PORT")
+    p_register.add_argument("--root-certificates", default="/certs/ca.crt")
+    p_register.add_argument("--keys", type=Path, default=Path("/keys"), help="folder of *.pub keys")
+    p_register.set_defaults(func=cmd_register_nodes)
 
     p_submit = commands.add_parser("submit", help="wait for the SuperNodes, run the app, stream its log")
     p_submit.add_argument("--superlink", required=True, help="HOST:PORT")

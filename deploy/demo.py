@@ -36,7 +36,7 @@ class DemoAssets:
         }
 
 
-def alpaca_rows(count: int, seed: int) -> list[dict[str, str]]:
+def alpaca_rows(count: int, seed: int, output_words: tuple[int, int] = (5, 30)) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
     for i in range(count):
@@ -45,7 +45,7 @@ def alpaca_rows(count: int, seed: int) -> list[dict[str, str]]:
             {
                 "instruction": f"{rng.choice(TASKS)} {topic}.",
                 "input": "" if i % 3 else f"Context: {' '.join(rng.sample(WORDS, 4))}.",
-                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + ".",
+                "output": " ".join(rng.choice(WORDS) for _ in range(rng.randint(*output_words))) + ".",
             }
         )
     return rows

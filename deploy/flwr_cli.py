@@ -92,6 +92,13 @@ class FlwrCli:
             time.sleep(1)
         raise DeployError(f"only {online or 0} of {expected} SuperNodes online after {timeout:.0f} s")
 
+    def register_node(self, public_key: Path) -> None:
+        """Idempotent: a key the SuperLink already knows counts as registered."""
+        reply = self._json("supernode", "register", str(public_key), self.connection)
+        reason = " ".join(str((reply or {}).get("error-message", "no answer")).split())
+        if not (reply and reply.get("success")) and "already in use" not in reason:
+            raise DeployError(f"registering {public_key.name} failed: {reason}")
+
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
         """A TOML file carries the overrides, so paths with spaces or quotes survive intact."""
         overrides = scratch / "run-config.toml"

@@ -6,6 +6,7 @@ never reaches the package index: the same path works air-gapped and in CI.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -20,14 +21,32 @@ IMAGES = {"superlink": SUPERLINK_IMAGE, "app": APP_IMAGE}
 GPU_BASE = "default"  # keep the Dockerfile's own BASE_IMAGE (a CUDA PyTorch image)
 
 
-def missing_images(client: docker.DockerClient) -> list[str]:
-    missing = []
+DIGEST_LABEL = "flowertune-deploy.source-digest"
+# What docker/Dockerfile copies into the app image.
+SOURCES = ("pyproject.toml", "README.md", "app", "deploy", "docker/Dockerfile")
+
+
+def source_digest(app_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        root = app_dir / name
+        for path in sorted([root] if root.is_file() else root.rglob("*.py")):
+            digest.update(str(path.relative_to(app_dir)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def outdated_images(client: docker.DockerClient, app_dir: Path) -> list[str]:
+    """Missing images, and an app image built from sources other than these."""
+    outdated = []
     for tag in IMAGES.values():
         try:
-            client.images.get(tag)
+            image = client.images.get(tag)
         except ImageNotFound:
-            missing.append(tag)
-    return missing
+            outdated.append(tag)
+            continue
+        if tag == APP_IMAGE and image.labels.get(DIGEST_LABEL) != source_digest(app_dir):
+            outdated.append(tag)
+    return outdated
 
 
 def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | None = None) -> dict[str, str]:
@@ -37,7 +56,9 @@ def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | No
     env = None if torch_spec is None else {**os.environ, "TORCH_SPEC": torch_spec}
     subprocess.run(["bash", str(app_dir / "docker" / "wheelhouse.sh")], cwd=app_dir, check=True, env=env)
     client = docker.from_env()
-    args = {} if base_image == GPU_BASE else {"BASE_IMAGE": base_image}
+    args = {"SOURCE_DIGEST": source_digest(app_dir)}
+    if base_image != GPU_BASE:
+        args["BASE_IMAGE"] = base_image
     built = {}
     for target, tag in IMAGES.items():
         image, _ = client.images.build(

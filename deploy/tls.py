@@ -1,5 +1,7 @@
 """TLS material for a deployment: a private CA and a SuperLink certificate it signs.
 
+Also one key pair per SuperNode for Flower's node authentication.
+
 The SuperLink's certificate must name every address it is reached by: its service name
 inside compose, the machine's name for other hosts and for `flwr` on the host, and
 127.0.0.1 (Flower's SuperExec connects back to it locally). Keys never leave the
@@ -77,6 +79,30 @@ def make_certificates(folder: Path, names: Iterable[str]) -> TlsFiles:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return files
+
+
+def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
+    """One EC P-384 key pair per SuperNode (OpenSSH format, as Flower reads them).
+
+    The SuperLink admits only nodes whose public key was registered with it, so a
+    machine that merely reaches port 8000 cannot join the federation. Existing keys are
+    kept: their registration on the SuperLink stays valid.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for name in names:
+        private, public = folder / f"{name}.key", folder / f"{name}.pub"
+        if not (private.is_file() and public.is_file()):
+            key = ec.generate_private_key(ec.SECP384R1())
+            private.touch(mode=0o600)
+            private.write_bytes(
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+            )
+            public.write_bytes(
+                key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            )
+        keys[name] = public
+    return keys
 
 
 def _san(name: str) -> x509.GeneralName:

@@ -70,6 +70,15 @@ def test_insecure_is_an_explicit_opt_out():
     assert "certs" not in insecure["services"]
 
 
+def test_the_docker_sdk_backend_translates_every_key_we_render():
+    from deploy.backends.docker import HANDLED_KEYS
+
+    documents = render(plan(NODES, [Host("a", (0, 1)), Host("b", (0,))]))
+    documents["cpu"] = render(plan(NODES, [Host("cpu")]), RenderOptions(insecure=True))["cpu"]
+    used = {key for d in documents.values() for s in d["services"].values() for key in s}
+    assert used <= HANDLED_KEYS
+
+
 def test_layout_errors_are_one_line():
     with pytest.raises(LayoutError, match=r"^--gpus '0,x': expected GPU ids such as 0,1,2,3$"):
         parse_gpus("0,x")

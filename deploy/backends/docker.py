@@ -21,6 +21,10 @@ from deploy.compose import PROJECT
 from deploy.flwr_cli import DeployError
 
 LABEL = "flowertune-deploy.project"
+# The compose keys this backend translates; any other key would be silently lost, so it fails.
+HANDLED_KEYS = frozenset(
+    {"image", "command", "environment", "volumes", "restart", "init", "user", "ports", "healthcheck", "deploy", "depends_on"}
+)
 IMAGE_UID = 1000
 
 
@@ -76,7 +80,8 @@ class DockerDeployment:
             source, target, *mode = spec.split(":")
             if source.startswith((".", "/", "~")):
                 path = (self.compose_dir / Path(source).expanduser()).resolve()
-                path.mkdir(parents=True, exist_ok=True)
+                if not path.exists():  # as compose does: a missing bind source becomes a folder
+                    path.mkdir(parents=True)
                 source = str(path)
             else:
                 source = f"{self.project}_{source}"
@@ -96,6 +101,9 @@ class DockerDeployment:
         return env
 
     def _run(self, name: str, service: dict[str, Any]) -> None:
+        unknown = sorted(set(service) - HANDLED_KEYS)
+        if unknown:
+            raise DeployError(f"service {name}: compose keys {unknown} are not supported by the Docker SDK backend")
         container_name = f"{self.project}-{name}"
         try:
             self.client.containers.get(container_name).remove(force=True)
@@ -113,6 +121,8 @@ class DockerDeployment:
             "network": self.network_name,
             "init": service.get("init", False),
         }
+        if "user" in service:
+            kwargs["user"] = service["user"]
         restart = service.get("restart", "no")
         if restart != "no":
             kwargs["restart_policy"] = {"Name": restart}
