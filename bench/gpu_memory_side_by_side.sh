@@ -1,5 +1,4 @@
 # Device command: run(command="bash bench/gpu_memory_side_by_side.sh", carry=[".gpu-carry/tokenizer", ".gpu-carry/bnb"], timeout_s=480)
-#!/usr/bin/env bash
 # 4-bit client memory and speed, side by side, each configuration in its own fresh process,
 # on one random Gemma2-9B-shaped model built on the GPU and saved once:
 #   A ours (app.models.build_model), checkpointing on   B ours, off

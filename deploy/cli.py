@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from app.config import ConfigError
+from app.config import AppConfig, ConfigError
 from deploy.backends.docker import DockerDeployment, prepare_host_folder
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
@@ -55,11 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = args.workdir or args.app / ".deploy"
     with ProcessDeployment(topology, workdir, os.environ) as deployment:
         print(f"SuperLink and {len(topology.nodes)} SuperNodes are up (logs: {deployment.workdir / 'logs'}).")
-        run_id = deployment.cli.submit(args.app, sent, deployment.workdir)
-        print(f"Run {run_id} submitted; streaming the ServerApp log.")
-        deployment.cli.stream_logs(run_id)
-        status, details = deployment.cli.wait_finished(run_id, timeout=60)
-    print(f"Run {run_id}: {status} {details}".rstrip())
+        status = deployment.cli.run_to_completion(args.app, sent, deployment.workdir)
     print(f"Results: {config.results_dir}")
     return 0 if status == "finished:completed" else 1
 
@@ -70,7 +66,9 @@ def _topology(args: argparse.Namespace):
 
 
 def _render_options(args: argparse.Namespace) -> RenderOptions:
-    return RenderOptions(insecure=args.insecure, model=args.model, extra_volumes=tuple(args.volume or ()))
+    return RenderOptions(
+        insecure=args.insecure, model=args.model, extra_volumes=tuple(args.volume or ()), run_config=args.run_config or ""
+    )
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -82,10 +80,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     """Run once per host before its SuperNodes start, so 20 nodes share one download."""
-    name = args.model or str(default_run_config(args.app)["model.name"])
-    if name.startswith(("/", ".", "~")):
-        if not (Path(name).expanduser() / "config.json").is_file():
-            raise ConfigError(f"model.name = {name!r}: no such local model folder (expected a config.json in it)")
+    run_config = default_run_config(args.app)
+    name = args.model or str(run_config["model.name"])
+    model = AppConfig.from_run_config({**run_config, "model.name": name}).model  # checks a local folder
+    if model.is_local:
         print(f"{name}: local model, nothing to fetch")
         return 0
     from huggingface_hub import snapshot_download
@@ -94,20 +92,29 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_certs(args: argparse.Namespace) -> int:
-    files = make_certificates(args.out, args.name or ["superlink"])
-    prepare_host_folder(args.out)
-    if args.keys_out:
-        make_node_keys(args.keys_out, [f"supernode-{i}" for i in range(args.nodes)])
-        prepare_host_folder(args.keys_out)
-        print(f"SuperNode keys: {args.keys_out} (copy each node's .key to the host that runs it)")
-    print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
+def cmd_setup_host(args: argparse.Namespace) -> int:
+    """What compose's one-shot `setup` service runs (as root) before anything else."""
+    prepare_host_folder(args.results)
+    if args.certs:
+        files = make_certificates(args.certs, args.name or ["superlink"])
+        prepare_host_folder(args.certs)
+        print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
+    if args.keys:
+        make_node_keys(args.keys, [f"supernode-{i}" for i in range(args.nodes)])
+        prepare_host_folder(args.keys)
+        print(f"SuperNode keys: {args.keys} (copy each node's .key to the host that runs it)")
     return 0
 
 
+def _stack_cli(superlink: str, root_certificate: Path | None) -> FlwrCli:
+    """Inside a one-shot container: a connection to the stack's own SuperLink."""
+    flwr_home = Path.home() / ".flwr"
+    register_connection(flwr_home, Connection("stack", superlink, root_certificate))
+    return FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, "stack", dict(os.environ))
+
+
 def cmd_register_nodes(args: argparse.Namespace) -> int:
-    register_connection(Path.home() / ".flwr", Connection("stack", args.superlink, Path(args.root_certificates)))
-    cli = FlwrCli(Path(sys.executable).parent / "flwr", Path.home() / ".flwr", "stack", dict(os.environ))
+    cli = _stack_cli(args.superlink, Path(args.root_certificates))
     keys = sorted(args.keys.glob("*.pub"))
     if not keys:
         raise DeployError(f"--keys {args.keys}: no public keys (*.pub) there")
@@ -119,16 +126,10 @@ def cmd_register_nodes(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """What compose's one-shot `submit` service runs: the seed job, with the app's defaults."""
-    root = None if args.insecure else Path(args.root_certificates)
-    flwr_home = Path.home() / ".flwr"
-    register_connection(flwr_home, Connection("stack", args.superlink, root))
-    cli = FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, "stack", dict(os.environ))
+    sent, _ = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+    cli = _stack_cli(args.superlink, None if args.insecure else Path(args.root_certificates))
     cli.wait_for_nodes(args.nodes, timeout=args.timeout, alive=lambda: None)
-    run_id = cli.submit(args.app, {}, flwr_home)
-    print(f"Run {run_id} submitted; streaming the ServerApp log.")
-    cli.stream_logs(run_id)
-    status, details = cli.wait_finished(run_id, timeout=60)
-    print(f"Run {run_id}: {status} {details}".rstrip())
+    status = cli.run_to_completion(args.app, sent, cli.flwr_home)
     return 0 if status == "finished:completed" else 1
 
 
@@ -164,8 +165,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.build or outdated_images(client, args.app):
         print("Building images (docker/Dockerfile); the torch layer is reused when only code changed ...")
         build_images(args.app, args.base_image, args.torch)
-    prepare_host_folder(deployment.compose_dir / "results")
-    # The `certs` service makes the CA and keys, as under `docker compose up`.
+    # The `setup` service prepares results, CA and keys, as under `docker compose up`.
     deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
     ca = None if args.insecure else TlsFiles.in_folder(deployment.compose_dir / ".deploy" / "certs").ca_cert
     connection = Connection(args.connection, f"127.0.0.1:{topology.superlink_port}", ca)
@@ -228,6 +228,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
         p.add_argument("--model", help="model the fetch step caches (default: model.name in pyproject.toml)")
         p.add_argument("--volume", action="append", help="extra SRC:DST[:ro] mount for app containers, e.g. data")
+        p.add_argument("--run-config", help="overrides the `submit` service runs the job with, 'key=value ...'")
         p.add_argument("--dir", type=Path, help="where compose-relative paths (certs, results) live (default: --app)")
 
     p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
@@ -257,12 +258,13 @@ def parser() -> argparse.ArgumentParser:
     p_logs.add_argument("--tail", type=int, default=100)
     p_logs.set_defaults(func=cmd_logs)
 
-    p_certs = commands.add_parser("certs", help="make the CA and the SuperLink certificate (compose runs it)")
-    p_certs.add_argument("--out", type=Path, default=Path(".deploy/certs"))
-    p_certs.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
-    p_certs.add_argument("--keys-out", type=Path, help="folder for the SuperNodes' key pairs")
-    p_certs.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs")
-    p_certs.set_defaults(func=cmd_certs)
+    p_setup = commands.add_parser("setup-host", help="results folder, TLS material, node keys (compose runs it)")
+    p_setup.add_argument("--results", type=Path, required=True, help="results folder to hand to uid 1000")
+    p_setup.add_argument("--certs", type=Path, help="folder for the CA and the SuperLink certificate")
+    p_setup.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
+    p_setup.add_argument("--keys", type=Path, help="folder for the SuperNodes' key pairs")
+    p_setup.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs")
+    p_setup.set_defaults(func=cmd_setup_host)
 
     p_register = commands.add_parser("register-nodes", help="register SuperNode public keys (compose runs it)")
     p_register.add_argument("--superlink", required=True, help="HOST:PORT")
@@ -275,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p_submit.add_argument("--nodes", type=int, required=True, help="SuperNodes to wait for")
     p_submit.add_argument("--root-certificates", default="/certs/ca.crt")
     p_submit.add_argument("--insecure", action="store_true")
+    p_submit.add_argument("--run-config", help="overrides, 'key=value ...'")
     p_submit.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the SuperNodes")
     p_submit.set_defaults(func=cmd_submit)
 

@@ -32,6 +32,7 @@ class RenderOptions:
     results_dir: str = "./results"
     extra_volumes: tuple[str, ...] = ()
     model: str | None = None  # default: model.name from pyproject.toml
+    run_config: str = ""  # overrides the `submit` service sends, 'key=value ...'
 
 
 def render(topology: Topology, options: RenderOptions = RenderOptions()) -> dict[str, dict[str, Any]]:
@@ -58,8 +59,7 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
     target = f"superlink:{topology.superlink_port}" if first else f"{topology.superlink_address}:{topology.superlink_port}"
     services: dict[str, Any] = {}
     if first:
-        if not options.insecure:
-            services["certs"] = _certs(topology, options)
+        services["setup"] = _setup(topology, options)
         services["superlink"] = _superlink(topology, options)
         if not options.insecure:
             services["register-nodes"] = _register_nodes(target, options)
@@ -94,22 +94,17 @@ def _common(image: str) -> dict[str, Any]:
     return {"image": image, "restart": "unless-stopped", "init": True}
 
 
-def _certs(topology: Topology, options: RenderOptions) -> dict[str, Any]:
-    """One-shot: makes the CA, the SuperLink certificate and the node keys, unless they exist."""
+def _setup(topology: Topology, options: RenderOptions) -> dict[str, Any]:
+    """One-shot, as root: hands the results folder to the images' user and, with TLS, makes
+    the CA, the SuperLink certificate and one key pair per SuperNode, unless they exist."""
     names = dict.fromkeys(["superlink", topology.superlink_address, *(h.name for h in topology.hosts)])
-    return {
-        "image": APP_IMAGE,
-        "user": "0:0",  # writes into host folders it may have to create, then hands them to uid 1000
-        "command": [
-            "python", "-m", "deploy", "certs",
-            "--out", "/certs-out",
-            "--keys-out", "/keys-out",
-            "--nodes", str(len(topology.nodes)),
-            *(a for n in names for a in ("--name", n)),
-        ],
-        "volumes": [f"{options.certs_dir}:/certs-out", f"{options.keys_dir}:/keys-out"],
-        "restart": "no",
-    }
+    command = ["python", "-m", "deploy", "setup-host", "--results", "/setup/results"]
+    volumes = [f"{options.results_dir}:/setup/results"]
+    if not options.insecure:
+        command += ["--certs", "/setup/certs", "--keys", "/setup/keys", "--nodes", str(len(topology.nodes))]
+        command += [a for n in names for a in ("--name", n)]
+        volumes += [f"{options.certs_dir}:/setup/certs", f"{options.keys_dir}:/setup/keys"]
+    return {"image": APP_IMAGE, "user": "0:0", "command": command, "volumes": volumes, "restart": "no"}
 
 
 def _register_nodes(target: str, options: RenderOptions) -> dict[str, Any]:
@@ -138,6 +133,7 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
             "--superlink", target,
             "--nodes", str(len(topology.nodes)),
             *tls,
+            *(["--run-config", options.run_config] if options.run_config else []),
         ],
         "volumes": _certs_volume(options),
         "depends_on": {"superlink": {"condition": "service_healthy"}},
@@ -161,7 +157,7 @@ def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
         ],
         "ports": [f"{port}:{port}"],
         "volumes": ["superlink-state:/state", *_certs_volume(options)],
-        **({} if options.insecure else {"depends_on": {"certs": {"condition": "service_completed_successfully"}}}),
+        "depends_on": {"setup": {"condition": "service_completed_successfully"}},
         "healthcheck": {
             "test": ["CMD", "python", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"],
             "interval": "5s",

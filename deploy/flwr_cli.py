@@ -120,6 +120,15 @@ class FlwrCli:
         run = reply["runs"][0]
         return run["status"], run.get("status-details", "")
 
+    def run_to_completion(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
+        """Submits, streams the ServerApp log, and returns the run's final status."""
+        run_id = self.submit(app_dir, run_config, scratch)
+        print(f"Run {run_id} submitted; streaming the ServerApp log.", flush=True)
+        self.stream_logs(run_id)
+        status, details = self.wait_finished(run_id, timeout=60)
+        print(f"Run {run_id}: {status} {details}".rstrip(), flush=True)
+        return status
+
     def wait_finished(self, run_id: str, timeout: float) -> tuple[str, str]:
         """`flwr log --stream` can return a moment before the status flips to finished."""
         deadline = time.monotonic() + timeout

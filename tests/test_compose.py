@@ -36,7 +36,7 @@ def test_single_host_puts_node_i_on_gpu_i_mod_g(gpus):
         assert node_config(service) == f"partition-id={i} num-partitions={NODES}"
         assert gpu_of(service) == i % gpus
         assert service["command"][service["command"].index("--superlink") + 1] == "superlink:8000"
-    assert {"superlink", "serverapp", "certs", "model-fetch", "submit"} <= set(document["services"])
+    assert {"setup", "superlink", "register-nodes", "serverapp", "model-fetch", "submit"} <= set(document["services"])
 
 
 def test_explicit_gpu_ids_are_used_round_robin():
@@ -57,7 +57,7 @@ def test_two_hosts_share_the_partitions_and_point_at_the_first():
         assert service["command"][service["command"].index("--superlink") + 1] == "10.0.0.5:8000"
         assert "superlink" not in service["depends_on"]
     assert len(supernodes(alpha)) == 8 and len(supernodes(beta)) == 12  # 2 of every 5 slots are alpha's
-    superlink_cert = alpha["services"]["certs"]["command"]
+    superlink_cert = alpha["services"]["setup"]["command"]
     assert "10.0.0.5" in superlink_cert and "beta" in superlink_cert
 
 
@@ -67,7 +67,8 @@ def test_insecure_is_an_explicit_opt_out():
     assert "--ssl-certfile" in secure["services"]["superlink"]["command"]
     assert "--insecure" not in yaml.safe_dump(secure)
     assert "--insecure" in insecure["services"]["superlink"]["command"]
-    assert "certs" not in insecure["services"]
+    assert "--certs" not in insecure["services"]["setup"]["command"]
+    assert "register-nodes" not in insecure["services"]
 
 
 def test_the_docker_sdk_backend_translates_every_key_we_render():

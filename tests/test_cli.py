@@ -1,0 +1,37 @@
+"""The deploy tool's front door: layouts printed, bad input stopped with one line and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def deploy(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True)
+
+
+def test_plan_prints_node_partition_host_gpu():
+    done = deploy("plan", "--gpus", "0,1,2")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[0].split() == ["node", "partition", "host", "gpu"]
+    assert len(lines) == 21 and lines[5].split() == ["supernode-4", "4", "localhost", "1"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run-config", "model.lora.r=-1"], "error: model.lora.r = -1: must be an integer > 0"),
+        (["--run-config", "model.quantization=3"], "error: model.quantization = 3: must be one of 0, 4, 8"),
+        (["--run-config", "no.such-key=1"], "error: no.such-key: not a run config key"),
+        (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
+    ],
+)
+def test_bad_input_stops_before_anything_starts(demo, args, message):
+    if "--run-config" in args:
+        args = [args[0], f'model.name="{demo.model_dir}" {args[1]}', "--gpus", ""]
+    done = deploy("run", *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
+    assert "SuperNodes are up" not in done.stdout

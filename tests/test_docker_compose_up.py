@@ -1,0 +1,54 @@
+"""The users' first path: plain `docker compose up` on a rendered file runs the job and
+leaves the checkpoints in the host's results folder (TLS and node authentication on)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from deploy.images import build_images, outdated_images
+from tests.conftest import ROOT
+
+BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
+PROJECT = "flowertune-compose-test"
+
+
+def toml_value(value) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def compose(folder, *args: str) -> subprocess.CompletedProcess:
+    command = ["docker", "compose", "-p", PROJECT, "-f", str(folder / "compose.yaml"), *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_docker_compose_up_runs_the_job(demo, tmp_path):
+    import docker
+
+    if outdated_images(docker.from_env(), ROOT):
+        build_images(ROOT, BASE_IMAGE)
+    overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json"}
+    overrides["num-server-rounds"] = 1
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+    render = subprocess.run(
+        [sys.executable, "-m", "deploy", "--app", str(ROOT), "render", "--gpus", "", "--out", str(tmp_path),
+         "--volume", f"{demo.model_dir.parent}:/demo:ro", "--model", "/demo/tiny-gemma2", "--run-config", run_config],
+        capture_output=True, text=True,
+    )
+    assert render.returncode == 0, render.stderr
+    try:
+        up = compose(tmp_path, "up", "-d")
+        assert up.returncode == 0, up.stderr
+        waited = compose(tmp_path, "wait", "submit")  # exits with the submit service's own exit code
+        logs = compose(tmp_path, "logs", "submit").stdout
+        assert waited.returncode == 0 and waited.stdout.strip() == "0", logs[-3000:]
+        assert "finished:completed" in logs
+        (run_dir,) = (tmp_path / "results").glob("*-run*")
+        assert (run_dir / "round-1" / "adapter_model.safetensors").is_file()
+        assert len(json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["clients"]) == 2
+        assert (tmp_path / ".deploy" / "certs" / "ca.crt").is_file()
+        assert len(list((tmp_path / ".deploy" / "keys").glob("supernode-*.key"))) == 20
+    finally:
+        down = compose(tmp_path, "down", "-v")
+        assert down.returncode == 0, down.stderr
