@@ -27,10 +27,12 @@ GIB = 1024**3
 # Bytes per parameter once loaded, by quantization (4-bit NF4 with double quant keeps
 # embeddings, norms and the LM head in bf16: measured 5.7 GiB for Gemma2-9B's 9.24 B).
 BYTES_PER_PARAM = {4: 0.66, 8: 1.15, 0: 2.0}
-# Activation and optimizer memory measured for Gemma2-9B (42 layers x 3584 hidden) at
-# batch 2 x 512 tokens on an H100: 8.5 GiB with gradient checkpointing, 24 GiB without.
+# What a training process holds beyond its weights (activations, optimizer state, CUDA
+# context, allocator slack), measured for Gemma2-9B (42 layers x 3584 hidden) at batch
+# 2 x 512 tokens on an H100 with `build_model`: 11.08 GiB per process with gradient
+# checkpointing, 21.08 GiB without, 5.73 GiB of it weights (bench/results/memory_side_by_side.txt).
 REFERENCE_TOKENS_X_WIDTH = 2 * 512 * 42 * 3584
-ACTIVATION_BYTES = {True: 8.5 * GIB, False: 24.0 * GIB}
+ACTIVATION_BYTES = {True: 5.35 * GIB, False: 15.35 * GIB}
 
 
 def estimate_training_bytes(model: ModelSettings, train: TrainSettings) -> float:
