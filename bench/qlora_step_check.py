@@ -13,6 +13,11 @@ Variants (the training loop below is the same for both):
 Device commands (inside bench/gpu_call1.sh and bench/gpu_memory_side_by_side.sh):
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
+Options for the checkpointing A/B (bench/gpu_reentrant_ab.sh):
+  --reentrant   ours, but after build_model re-enable checkpointing on the underlying
+                transformers model with {"use_reentrant": True} (the template's torch default)
+  --seed N      torch.manual_seed(N) before the model is built, so LoRA init and dropout
+                masks are the same in every process and the losses can be compared
 CPU check of the logic (no quantization, tiny model):
     PYTHONPATH=. python bench/qlora_step_check.py --model .gpu-carry/demo/tiny-gemma2 --quantization 0 --seq 32 --variant template
 """
@@ -90,9 +95,14 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--max-token-id", type=int, default=300, help="random ids in [3, this): inside the tokenizer's vocab")
     ap.add_argument("--label", default="", help="a name for this configuration in the JSON")
+    ap.add_argument("--reentrant", action="store_true",
+                    help="ours only: re-enable checkpointing with use_reentrant=True after build_model")
+    ap.add_argument("--seed", type=int, default=None, help="torch.manual_seed before the model is built")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     gc_on = args.checkpointing == "on" and not args.no_gc
+    if args.reentrant and (args.variant != "ours" or not gc_on):
+        ap.error("--reentrant needs --variant ours and checkpointing on")
 
     t0 = time.perf_counter()
     import torch
@@ -129,8 +139,14 @@ def main() -> None:
             free, total = torch.cuda.mem_get_info()
             process_used[0] = max(process_used[0], total - free)
 
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model = build_model(settings) if args.variant == "ours" else build_template(settings, torch)
+    if args.reentrant:
+        # The underlying transformers model (PeftModel -> LoraModel -> Gemma2ForCausalLM); build_model
+        # already called enable_input_require_grads(), which reentrant checkpointing needs.
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     sync()
     load_s = time.perf_counter() - t0
     after_load = torch.cuda.memory_allocated() if on_gpu else 0
@@ -141,6 +157,7 @@ def main() -> None:
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
     gen = torch.Generator(device=device).manual_seed(0)
+    grad_check: dict = {}
 
     def step() -> float:
         total = 0.0
@@ -151,6 +168,18 @@ def main() -> None:
             loss.backward()
             sample_process_memory()
             total += loss.item()
+        if not grad_check:
+            # Once, in the warm-up step: do all LoRA tensors get gradients? (reentrant checkpointing
+            # with inputs that don't require grad would silently leave them None and look fast).
+            trainable_params = [p for p in model.parameters() if p.requires_grad]
+            with_grad = [p for p in trainable_params if p.grad is not None]
+            grad_check.update(
+                trainable_tensors=len(trainable_params),
+                tensors_with_grad=len(with_grad),
+                tensors_with_nonzero_grad=sum(bool(p.grad.abs().sum() > 0) for p in with_grad),
+                grad_norm=float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in with_grad])))
+                if with_grad else 0.0,
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         sample_process_memory()
@@ -171,6 +200,8 @@ def main() -> None:
         "label": args.label,
         "variant": args.variant,
         "gradient_checkpointing": gc_on,
+        "reentrant_option": args.reentrant,
+        "seed": args.seed,
         "quantization": args.quantization,
         "versions": {
             "torch": torch.__version__,
@@ -187,6 +218,8 @@ def main() -> None:
         "param_gib_by_type_dtype": param_bytes_by_dtype(model),
         "checkpointing": checkpointing_info(model),
         "trainable_params": trainable,
+        "input_embedding_forward_hooks": len(model.get_input_embeddings()._forward_hooks),
+        "warmup_grad_check": grad_check,
         "batch": args.batch,
         "seq": args.seq,
         "accum": args.accum,

@@ -135,7 +135,8 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
             *tls,
             *(["--run-config", options.run_config] if options.run_config else []),
         ],
-        "volumes": _certs_volume(options),
+        # It checks the run config as the nodes will see it, model and data mounts included.
+        "volumes": [*_certs_volume(options), *options.extra_volumes],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
         "restart": "no",
     }
