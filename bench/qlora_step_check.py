@@ -5,17 +5,16 @@ smoke run, and measures load time, memory after load, peak memory and tokens/s w
 seed's client settings (batch 2 x 512, grad accumulation 4).
 
 Variants (the training loop below is the same for both):
-  ours      app.models.build_model: bf16 norms/embeddings, checkpointing with use_reentrant=False
+  ours      app.models.build_model: bf16 norms/embeddings, checkpointing with use_reentrant=True
+            (False until the switch after bench/results/reentrant_ab.txt)
   template  the FlowerTune template's get_model: same BitsAndBytesConfig and LoraConfig, but
             peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...) first
             (it upcasts every non-4-bit parameter, the 256k-row embedding too, to float32)
 
-Device commands (inside bench/gpu_call1.sh and bench/gpu_memory_side_by_side.sh):
+Device commands (inside bench/gpu_call1.sh, bench/gpu_memory_side_by_side.sh and bench/gpu_ours_vs_template.sh):
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
-Options for the checkpointing A/B (bench/gpu_reentrant_ab.sh):
-  --reentrant   ours, but after build_model re-enable checkpointing on the underlying
-                transformers model with {"use_reentrant": True} (the template's torch default)
+Options:
   --seed N      torch.manual_seed(N) before the model is built, so LoRA init and dropout
                 masks are the same in every process and the losses can be compared
 CPU check of the logic (no quantization, tiny model):
@@ -95,14 +94,10 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=4)
     ap.add_argument("--max-token-id", type=int, default=300, help="random ids in [3, this): inside the tokenizer's vocab")
     ap.add_argument("--label", default="", help="a name for this configuration in the JSON")
-    ap.add_argument("--reentrant", action="store_true",
-                    help="ours only: re-enable checkpointing with use_reentrant=True after build_model")
     ap.add_argument("--seed", type=int, default=None, help="torch.manual_seed before the model is built")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     gc_on = args.checkpointing == "on" and not args.no_gc
-    if args.reentrant and (args.variant != "ours" or not gc_on):
-        ap.error("--reentrant needs --variant ours and checkpointing on")
 
     t0 = time.perf_counter()
     import torch
@@ -143,10 +138,6 @@ def main() -> None:
         torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model = build_model(settings) if args.variant == "ours" else build_template(settings, torch)
-    if args.reentrant:
-        # The underlying transformers model (PeftModel -> LoraModel -> Gemma2ForCausalLM); build_model
-        # already called enable_input_require_grads(), which reentrant checkpointing needs.
-        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     sync()
     load_s = time.perf_counter() - t0
     after_load = torch.cuda.memory_allocated() if on_gpu else 0
@@ -200,7 +191,6 @@ def main() -> None:
         "label": args.label,
         "variant": args.variant,
         "gradient_checkpointing": gc_on,
-        "reentrant_option": args.reentrant,
         "seed": args.seed,
         "quantization": args.quantization,
         "versions": {

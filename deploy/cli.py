@@ -19,7 +19,7 @@ from deploy.demo import build_demo
 from deploy.images import GPU_BASE, build_images, outdated_images
 from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
 from deploy.project import default_run_config, resolve_run_config
-from deploy.tls import TlsFiles, make_certificates, make_node_keys
+from deploy.tls import TlsFiles, make_certificates, make_node_keys, make_superexec_secret
 from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
 
 
@@ -97,6 +97,7 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     prepare_host_folder(args.results)
     if args.certs:
         files = make_certificates(args.certs, args.name or ["superlink"])
+        make_superexec_secret(args.certs)
         prepare_host_folder(args.certs)
         print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
     if args.keys:

@@ -74,6 +74,11 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
     return {"name": PROJECT, "services": services, "volumes": volumes}
 
 
+def _superexec_auth(options: RenderOptions) -> list[str]:
+    """SuperLink and ServerApp container share it; see deploy.tls.make_superexec_secret."""
+    return [] if options.insecure else ["--superexec-auth-secret-file", f"{CERTS}/superexec.secret"]
+
+
 def _tls_args(options: RenderOptions, client: bool) -> list[str]:
     if options.insecure:
         return ["--insecure"]
@@ -155,6 +160,7 @@ def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
             "--disable-runtime-dependency-installation",
             *_tls_args(options, client=False),
             *([] if options.insecure else ["--enable-supernode-auth"]),
+            *_superexec_auth(options),
         ],
         "ports": [f"{port}:{port}"],
         "volumes": ["superlink-state:/state", *_certs_volume(options)],
@@ -182,7 +188,9 @@ def _model_fetch(options: RenderOptions) -> dict[str, Any]:
 def _serverapp(target: str, options: RenderOptions) -> dict[str, Any]:
     return {
         **_common(APP_IMAGE),
-        "command": ["flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True)],
+        "command": [
+            "flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True), *_superexec_auth(options)
+        ],
         "volumes": [
             f"{options.results_dir}:/app/results",
             "hf-cache:/home/flwr/.cache/huggingface",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -79,6 +80,20 @@ def make_certificates(folder: Path, names: Iterable[str]) -> TlsFiles:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return files
+
+
+def make_superexec_secret(folder: Path) -> Path:
+    """The shared secret a SuperExec must present to the SuperLink's Runtime API.
+
+    With `--isolation process` that API listens on the SuperLink's public port; without
+    the secret, anyone holding the CA certificate could pull the ServerApp's tasks.
+    """
+    path = folder / "superexec.secret"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path
 
 
 def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:

@@ -83,3 +83,19 @@ def test_saving_over_a_checkpoint_replaces_it_whole(run_config, tmp_path):
     save_adapter(state, config.model, tmp_path / "round-5")
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not (tmp_path / "round-5.partial").exists()
+
+
+def test_gradient_checkpointing_still_trains_every_lora_factor(run_config):
+    """Reentrant checkpointing drops the gradients of a block whose inputs need none, and
+    the embedding is frozen: every LoRA factor must still learn. (On the 4-bit GPU path,
+    where PEFT does not do it for us, bench/results/reentrant_ab.txt checks the same.)"""
+    config = AppConfig.from_run_config({**run_config, "model.gradient-checkpointing": True})
+    tokenizer = load_tokenizer(config.model)
+    data = tokenize_partition(load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train.seq_length)
+    model = build_model(config.model)
+    assert model.base_model.model.is_gradient_checkpointing
+    before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3)
+    after = get_peft_model_state_dict(model)
+    unchanged = [k for k in before if "lora_B" in k and torch.equal(before[k], after[k])]
+    assert unchanged == []
