@@ -6,13 +6,7 @@
 # 3. random Gemma2-9B-shaped model built on the GPU and saved (timed), then one process
 #    loads it through app.models.build_model (NF4 + LoRA) and trains a few steps: checks
 #    transformers 5.17 / peft 0.21 there with the carried (trimmed) bitsandbytes wheel.
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-exec > >(tee "$O/call1.log") 2>&1
-T0=$(date +%s)
-stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+. bench/gpu_common.sh call1.log
 
 stamp inventory
 {

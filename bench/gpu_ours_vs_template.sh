@@ -9,14 +9,7 @@
 #   ours_vs_template.{json,txt} ours_vs_template.log (3 files).
 # An optional run starts only while elapsed + the longest run so far + 10 s stays under DEADLINE_S (315).
 # CPU dry run: MODEL_DIR=.gpu-carry/demo/tiny-gemma2 EXTRA="--quantization 0 --seq 32" PY=.venv/bin/python bash bench/gpu_ours_vs_template.sh
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-exec > >(tee "$O/ours_vs_template.log") 2>&1
-T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
-stamp() { echo "=== [$(elapsed) s] $*"; }
+. bench/gpu_common.sh ours_vs_template.log
 PY=${PY:-python3}
 RUNS=${RUNS_DIR:-/tmp/ovt}
 rm -rf "$RUNS"

@@ -7,14 +7,8 @@
 # LoRA r=8, gradient checkpointing on, batch 2 x 512, grad accumulation 4, 10 steps.
 # Everything it records lands under $OUT: call2.log, gpu_mem.csv, summary.json,
 # smoke_logs.tar.gz (.deploy/logs, metrics.jsonl, checkpoint listing).
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-O=${OUT:-/tmp/out}
-mkdir -p "$O"
-exec > >(tee "$O/call2.log") 2>&1
-T0=$(date +%s)
+. bench/gpu_common.sh call2.log
 DEADLINE=$((T0 + ${BUDGET_S:-575}))
-stamp() { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 VENV=${VENV:-/var/tmp/ftvenv}
 MODEL_DIR=${MODEL_DIR:-/var/tmp/gemma2-9b-random}
 DATA=$PWD/.gpu-carry/smoke-alpaca.json

@@ -4,6 +4,7 @@ import logging
 import multiprocessing as mp
 from pathlib import Path
 
+import pytest
 from transformers import Gemma2Config
 
 from app.config import LoraSettings, ModelSettings, TrainSettings
@@ -16,36 +17,37 @@ def _hold(lock_dir: str, holding, release) -> None:
         release.wait(30)
 
 
-def test_a_second_training_waits_for_the_slot_and_says_so(tmp_path, caplog):
+@pytest.fixture()
+def other_client(tmp_path):
+    """Another process training on the same GPU: it holds slot 0 until told to let go."""
     ctx = mp.get_context("spawn")
     holding, release = ctx.Event(), ctx.Event()
     other = ctx.Process(target=_hold, args=(str(tmp_path), holding, release))
     other.start()
     assert holding.wait(60)
-    with gpu_slot(tmp_path, 2, "GPU-test"):  # two slots: the second is free
-        pass
+    yield other, release, ctx
     release.set()
-    with caplog.at_level(logging.WARNING, logger="app.gpu_admission"):
-        with gpu_slot(tmp_path, 1, "GPU-test"):  # blocks until `other` lets go
-            assert not other.is_alive() or other.join(30) is None
     other.join(30)
     assert other.exitcode == 0
 
 
-def test_a_full_gpu_makes_the_next_client_wait(tmp_path, caplog):
-    ctx = mp.get_context("spawn")
-    holding, release = ctx.Event(), ctx.Event()
-    other = ctx.Process(target=_hold, args=(str(tmp_path), holding, release))
-    other.start()
-    assert holding.wait(60)
-    ctx_release = ctx.Process(target=release.set)  # lets go only once we are waiting
+def test_a_free_second_slot_is_taken_at_once(tmp_path, other_client):
+    other, _, _ = other_client
+    with gpu_slot(tmp_path, 2, "GPU-test"):
+        assert other.is_alive()  # both train at once
+
+
+def test_a_full_gpu_makes_the_next_client_wait_and_say_so(tmp_path, other_client, caplog):
+    other, release, ctx = other_client
+    letting_go = ctx.Process(target=release.set)  # lets go only once we are waiting
     with caplog.at_level(logging.WARNING, logger="app.gpu_admission"):
-        ctx_release.start()
+        letting_go.start()
         with gpu_slot(tmp_path, 1, "GPU-test"):
-            assert not other.is_alive() or other.join(30) is None
+            other.join(30)
+            assert other.exitcode == 0  # we got the slot only after the holder left
+    letting_go.join(30)
     assert "all 1 training slots busy; waiting" in caplog.text
     assert "got a training slot" in caplog.text
-    other.join(30)
 
 
 def test_slots_are_per_gpu(tmp_path):
