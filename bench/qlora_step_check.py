@@ -11,7 +11,7 @@ Variants (the training loop below is the same for both):
             peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...) first
             (it upcasts every non-4-bit parameter, the 256k-row embedding too, to float32)
 
-Device commands (inside bench/gpu_call1.sh, bench/gpu_memory_side_by_side.sh and bench/gpu_ours_vs_template.sh):
+Device commands (inside bench/gpu_call1.sh and bench/gpu_ours_vs_template.sh; the earlier gpu_memory_side_by_side.sh and gpu_reentrant_ab.sh are in git history):
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
 Options:
