@@ -81,7 +81,10 @@ class FlwrCli:
         return sum(1 for node in reply["nodes"] if node["status"] == "online")
 
     def wait_for_nodes(self, expected: int, timeout: float, alive: Callable[[], None]) -> None:
-        """Polls the SuperLink's own node list; `alive` raises if a process we started died."""
+        """Polls the SuperLink's own node list; `alive` raises if a process we started died.
+
+        With `expected` 0 it returns as soon as the SuperLink answers at all.
+        """
         deadline = time.monotonic() + timeout
         online = None
         while time.monotonic() < deadline:

@@ -22,10 +22,20 @@ from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connectio
 from deploy.topology import Topology
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct ports: all are held open together, so the OS cannot hand one out twice."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -85,7 +95,9 @@ class ProcessDeployment:
             ],
             {"FLWR_HOME": str(self.workdir / "superlink-home")},
         )
-        for node in self.topology.nodes:
+        # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
+        self.cli.wait_for_nodes(0, timeout, self.check_alive)
+        for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self._start(
                 node.name,
                 [
@@ -93,7 +105,7 @@ class ProcessDeployment:
                     "--insecure",
                     "--superlink", self.connection.address,
                     "--node-config", f'{node.node_config} lock-dir="{self.workdir / "locks"}"',
-                    "--port", str(free_port()),
+                    "--port", str(port),
                 ],
                 {
                     "FLWR_HOME": str(self.workdir / "nodes" / node.name),
