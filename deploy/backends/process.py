@@ -81,6 +81,8 @@ class ProcessDeployment:
 
     def up(self, timeout: float = 180) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        # Each start is a new federation: nodes of earlier starts would linger as offline.
+        (self.workdir / "superlink.db").unlink(missing_ok=True)
         register_connection(self.cli.flwr_home, self.connection)
         self._start(
             "superlink",
