@@ -60,6 +60,8 @@ def test_status_shows_every_service_running(stack):
     assert states["superlink"] == ["running", "healthy"]
     for one_shot in ("setup", "register-nodes", "model-fetch"):
         assert states[one_shot][0] == "exited", one_shot
+    logs = deploy("logs", "register-nodes", "--gpus", "", "--dir", str(workdir), env=env)
+    assert logs.returncode == 0 and "20 SuperNode keys registered" in logs.stdout
     assert sum(1 for name, s in states.items() if name.startswith("supernode-") and s[0] == "running") == 20
 
 
