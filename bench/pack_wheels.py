@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import io
 import lzma
 import subprocess
 import sys

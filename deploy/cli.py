@@ -36,8 +36,13 @@ def _hosts(args: argparse.Namespace) -> list[Host]:
     return [Host("localhost", gpus)]
 
 
+def _num_nodes(app: Path) -> int:
+    """One SuperNode per partition of the leaderboard split."""
+    return int(default_run_config(app)["static.dataset.num-partitions"])
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    nodes = args.nodes or int(default_run_config(args.app)["static.dataset.num-partitions"])
+    nodes = args.nodes or _num_nodes(args.app)
     print(plan(nodes, _hosts(args)).table())
     return 0
 
@@ -61,8 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _topology(args: argparse.Namespace):
-    nodes = int(default_run_config(args.app)["static.dataset.num-partitions"])
-    return plan(nodes, _hosts(args), superlink_address=args.superlink_address, superlink_port=args.port)
+    return plan(_num_nodes(args.app), _hosts(args), superlink_address=args.superlink_address, superlink_port=args.port)
 
 
 def _render_options(args: argparse.Namespace) -> RenderOptions:

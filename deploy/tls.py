@@ -75,9 +75,9 @@ def make_certificates(folder: Path, names: Iterable[str]) -> TlsFiles:
     )
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.touch(mode=0o600)
-    files.key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private(
+        files.key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
     return files
 
@@ -91,8 +91,7 @@ def make_superexec_secret(folder: Path) -> Path:
     path = folder / "superexec.secret"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_hex(32))
+        _write_private(path, secrets.token_hex(32).encode())
     return path
 
 
@@ -109,15 +108,21 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
         private, public = folder / f"{name}.key", folder / f"{name}.pub"
         if not (private.is_file() and public.is_file()):
             key = ec.generate_private_key(ec.SECP384R1())
-            private.touch(mode=0o600)
-            private.write_bytes(
-                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+            _write_private(
+                private,
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
             )
             public.write_bytes(
                 key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             )
         keys[name] = public
     return keys
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Created 0600 before any byte is written, so a secret is never readable by others."""
+    path.touch(mode=0o600)
+    path.write_bytes(data)
 
 
 def _san(name: str) -> x509.GeneralName:

@@ -13,6 +13,20 @@ from deploy.demo import DemoAssets, build_demo
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_adapter_trained(demo: DemoAssets, run_dir: Path, final_round: int) -> None:
+    """The last checkpoint loads with PEFT on the tiny base and moved away from round 0."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(demo.model_dir)
+    final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / f"round-{final_round}"))
+    initial = load_file(run_dir / "round-0" / "adapter_model.safetensors")
+    assert final.keys() == initial.keys()
+    assert any(not torch.equal(final[k], initial[k]) for k in final)
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
     return build_demo(tmp_path_factory.mktemp("demo"))

@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from peft import PeftModel, get_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.project import resolve_run_config
 from deploy.topology import Host, plan
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_adapter_trained
 
 NODES = 20
 
@@ -61,11 +56,7 @@ def test_three_rounds(deployment, demo, tmp_path, use_flexlora):
     assert len(set(partitions)) > 1, "every round trained the same partitions"
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "round-0", "round-2", "round-3"]
 
-    base = AutoModelForCausalLM.from_pretrained(demo.model_dir)
-    final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / "round-3"))
-    initial = load_file(run_dir / "round-0" / "adapter_model.safetensors")
-    assert final.keys() == initial.keys()
-    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    assert_adapter_trained(demo, run_dir, final_round=3)
 
 
 def test_stopping_leaves_no_process(deployment):

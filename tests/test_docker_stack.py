@@ -11,15 +11,11 @@ from pathlib import Path
 
 import docker
 import pytest
-import torch
-from peft import PeftModel, get_peft_model_state_dict
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from deploy.backends.docker import LABEL
 from deploy.compose import PROJECT
 from deploy.flwr_cli import FlwrCli
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_adapter_trained
 
 BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
 
@@ -86,7 +82,4 @@ def test_two_rounds_over_tls(stack, demo, use_flexlora, tmp_path):
     (run_dir,) = set((workdir / "results").glob("*-run*")) - before
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["clients"]) for r in rounds] == [2, 2]
-    base = AutoModelForCausalLM.from_pretrained(demo.model_dir)
-    final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / "round-2"))
-    initial = load_file(run_dir / "round-0" / "adapter_model.safetensors")
-    assert any(not torch.equal(final[k], initial[k]) for k in final)
+    assert_adapter_trained(demo, run_dir, final_round=2)
