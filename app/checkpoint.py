@@ -50,6 +50,7 @@ class RunRecorder:
 
     def __call__(self, report: RoundReport) -> None:
         saved = None
+        start = time.perf_counter()
         if report.arrays is not None and (
             report.server_round % self.save_every == 0 or report.server_round == self.num_rounds
         ):
@@ -62,7 +63,9 @@ class RunRecorder:
             "rejected": report.rejected,
             "failed": report.failed,
             "aggregate": report.aggregate,
+            "aggregate-seconds": round(report.aggregate_seconds, 3),
             "checkpoint": saved.name if saved else None,
+            "checkpoint-seconds": round(time.perf_counter() - start, 3),
             "elapsed-seconds": round(time.monotonic() - self._started, 3),
         }
         with self.metrics_file.open("a") as f:

@@ -1,63 +1,50 @@
 """The ClientApp: one round of local QLoRA training on this node's partition.
 
-Under the Deployment Engine each round runs in a fresh process, so everything is built
-inside the handler; `build_model` is the single place a longer-lived worker would reuse.
+Where the node is configured with a warm trainer (`trainer-dir` in its node config),
+the ClientApp stays thin: it imports no torch or transformers, hands the global adapter
+to a free trainer of its host and turns the answer into the reply. Without one it trains
+in its own process, as `flwr run` against any plain deployment expects.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import time
+from logging import INFO
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from flwr.common import log
+from safetensors.numpy import load, save
 
 from app.config import AppConfig, NodeSettings
-from app.dataset import load_partition, tokenize_partition
-from app.gpu_admission import gpu_slot, trainings_per_gpu, visible_gpu_id
-from app.models import build_model, load_tokenizer
-from app.train import cosine_learning_rate, train_adapter
+from app.trainer_client import train_remotely
 
 app = ClientApp()
-
-
-def _admission(config: AppConfig, node: NodeSettings):
-    """Only GPU nodes given a shared lock folder queue for a slot on their GPU."""
-    if node.lock_dir is None or not torch.cuda.is_available():
-        return nullcontext()
-    slots = trainings_per_gpu(config.train.max_trainings_per_gpu, config.model, config.train)
-    return gpu_slot(node.lock_dir, slots, visible_gpu_id())
+# A trainer may still be loading the model, or be restarting after a crash.
+TRAINER_TIMEOUT_SECONDS = 900
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
     config = AppConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config, config)
     server_round = int(msg.content["config"]["server-round"])
+    adapter = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    if node.trainer_dir is None:
+        log(INFO, "partition %d, round %d: training in this ClientApp process", node.partition_id, server_round)
+        from app.in_process import train_in_process  # torch and transformers: this path only
 
-    partition = load_partition(config.dataset, node.partition_id, config.train.seed)
-    tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(partition, tokenizer, config.train.seq_length)
-    learning_rate = cosine_learning_rate(
-        server_round, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min
-    )
-    with _admission(config, node):
-        model = build_model(config.model)
-        set_peft_model_state_dict(model, msg.content["arrays"].to_torch_state_dict())
-        result = train_adapter(model, tokenizer, data, config.train, learning_rate)
-        state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
-        del model
-        torch.cuda.empty_cache()  # free the GPU before the next client takes the slot
-    metrics = MetricRecord(
-        {
-            "num-examples": len(partition),
-            "partition-id": node.partition_id,
-            "train-loss": result.loss,
-            "train-seconds": result.seconds,
-            "train-tokens": result.tokens,
-            "peak-gpu-bytes": result.peak_gpu_bytes,
-            "learning-rate": learning_rate,
-        }
-    )
-    return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+        state, metrics = train_in_process(config, node, server_round, adapter)
+    else:
+        reply = train_remotely(node, config, server_round, save(adapter), TRAINER_TIMEOUT_SECONDS)
+        log(
+            INFO,
+            "partition %d, round %d: trained on warm trainer %s%s",
+            node.partition_id, server_round, reply.trainer, " (its own GPU's were busy)" if reply.overflow else "",
+        )
+        state = load(reply.adapter)
+        metrics = {**reply.metrics, "queue-seconds": reply.queue_seconds, "trainer-overflow": int(reply.overflow)}
+    metrics = {**metrics, "partition-id": node.partition_id, "client-seconds": time.perf_counter() - start}
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

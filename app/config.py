@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 QUANTIZATION_BITS = (0, 4, 8)
+# Gemma2's logit soft-capping is exact in both; eager is faster with two trainings per GPU.
+ATTENTION = ("eager", "flex_attention")
 
 
 class ConfigError(ValueError):
@@ -31,8 +33,18 @@ class LoraSettings:
 class ModelSettings:
     name: str
     quantization: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | None  # None: "auto", decided where the GPU is known
     lora: LoraSettings
+    attention: str = "eager"
+
+    def describe(self) -> str:
+        """One line that tells two settings apart, for refusals and logs."""
+        checkpointing = "auto" if self.gradient_checkpointing is None else str(self.gradient_checkpointing).lower()
+        lora = self.lora
+        return (
+            f"{self.name} {self.quantization or 16}-bit, LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} "
+            f"on {','.join(lora.target_modules)}, checkpointing={checkpointing}, attention={self.attention}"
+        )
 
     @property
     def is_local(self) -> bool:
@@ -89,13 +101,14 @@ class AppConfig:
         model = ModelSettings(
             name=get("model.name", str, lambda v: bool(v.strip()), "a hub id or a local folder"),
             quantization=get("model.quantization", int, lambda v: v in QUANTIZATION_BITS, "one of 0, 4, 8"),
-            gradient_checkpointing=get("model.gradient-checkpointing", bool),
+            gradient_checkpointing=_checkpointing(get("model.gradient-checkpointing", object)),
             lora=LoraSettings(
                 r=get("model.lora.r", int, _positive, "an integer > 0"),
                 alpha=get("model.lora.alpha", int, _positive, "an integer > 0"),
                 dropout=get("model.lora.dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
                 target_modules=targets,
             ),
+            attention=get("model.attention", str, lambda v: v in ATTENTION, "one of " + ", ".join(ATTENTION)),
         )
         if model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
             raise ConfigError(f"model.name = {model.name!r}: no such local model folder (expected a config.json in it)")
@@ -136,6 +149,10 @@ class NodeSettings:
     partition_id: int
     num_partitions: int
     lock_dir: Path | None  # shared by the host's nodes for GPU admission; None: no limit
+    # Where the host's warm trainers listen, and which of them are this node's own (its
+    # GPU's); None: the ClientApp trains in its own process.
+    trainer_dir: Path | None = None
+    trainer_home: str = ""
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> "NodeSettings":
@@ -144,7 +161,26 @@ class NodeSettings:
         num = get("num-partitions", int, lambda v: v == expected, f"{expected} (static.dataset.num-partitions)")
         pid = get("partition-id", int, lambda v: 0 <= v < num, f"an integer in [0, {num - 1}]")
         lock_dir = get("lock-dir", str) if "lock-dir" in node_config else None
-        return cls(partition_id=pid, num_partitions=num, lock_dir=Path(lock_dir) if lock_dir else None)
+        trainer_dir = get("trainer-dir", str) if "trainer-dir" in node_config else None
+        home = get("trainer-home", str, lambda v: bool(v), "a trainer name such as gpu0") if trainer_dir else ""
+        return cls(
+            partition_id=pid,
+            num_partitions=num,
+            lock_dir=Path(lock_dir) if lock_dir else None,
+            trainer_dir=Path(trainer_dir) if trainer_dir else None,
+            trainer_home=home,
+        )
+
+
+def _checkpointing(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return None
+    raise ConfigError(
+        f"model.gradient-checkpointing = {value!r}: must be true, false or \"auto\" "
+        "(off when the trainings placed on a GPU fit without it)"
+    )
 
 
 def _positive(value: float) -> bool:
@@ -178,6 +214,8 @@ class _Reader:
 
 def _coerce(value: Any, kind: type) -> Any:
     """TOML and --node-config give ints, floats, bools or strings; accept only lossless matches."""
+    if kind is object:  # the caller checks the value itself
+        return value
     if kind is bool:
         return value if isinstance(value, bool) else None
     if isinstance(value, bool):

@@ -20,17 +20,20 @@ PREAMBLE = "Below is an instruction that describes a task. Write a response that
 IGNORE_INDEX = -100
 
 
-def load_partition(settings: DatasetSettings, partition_id: int, seed: int) -> Dataset:
-    """Every node builds the same shuffled IID split and keeps only its own part."""
+def federated_dataset(settings: DatasetSettings, seed: int) -> FederatedDataset:
+    """Every node builds the same shuffled IID split; a trainer keeps one for all its nodes."""
     source: dict[str, Any] = {"dataset": settings.name}
     if settings.data_files:
         source = {"dataset": "json", "data_files": list(settings.data_files)}
-    fds = FederatedDataset(
+    return FederatedDataset(
         **source,
         partitioners={"train": IidPartitioner(num_partitions=settings.num_partitions)},
         seed=seed,
     )
-    return fds.load_partition(partition_id, "train")
+
+
+def load_partition(settings: DatasetSettings, partition_id: int, seed: int) -> Dataset:
+    return federated_dataset(settings, seed).load_partition(partition_id, "train")
 
 
 def prompt_and_response(example: Mapping[str, str]) -> tuple[str, str]:

@@ -9,21 +9,18 @@ keeps a slot.
 
 from __future__ import annotations
 
-import fcntl
-import logging
 import math
-import os
-from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoConfig
 
-from app.config import ModelSettings, TrainSettings
+from app.config import ConfigError, ModelSettings, TrainSettings
+from app.slots import hold_first_free
 
-log = logging.getLogger(__name__)
 GIB = 1024**3
+MEMORY_SHARE = 0.9  # of a GPU's memory that trainings may plan on; the rest is slack
 # Bytes per parameter once loaded, by quantization (4-bit NF4 with double quant keeps
 # embeddings, norms and the LM head in bf16: measured 5.7 GiB for Gemma2-9B's 9.24 B).
 BYTES_PER_PARAM = {4: 0.66, 8: 1.15, 0: 2.0}
@@ -50,11 +47,11 @@ def estimate_training_bytes(model: ModelSettings, train: TrainSettings) -> float
 
 
 def trainings_per_gpu(configured: int, model: ModelSettings, train: TrainSettings) -> int:
-    """`configured` > 0 wins; 0 means: as many as fit in 90% of this GPU's memory."""
+    """`configured` > 0 wins; 0 means: as many as fit in MEMORY_SHARE of this GPU's memory."""
     if configured > 0:
         return configured
     total = torch.cuda.get_device_properties(0).total_memory
-    return max(1, math.floor(0.9 * total / estimate_training_bytes(model, train)))
+    return max(1, math.floor(MEMORY_SHARE * total / estimate_training_bytes(model, train)))
 
 
 def visible_gpu_id() -> str:
@@ -62,28 +59,36 @@ def visible_gpu_id() -> str:
     return str(torch.cuda.get_device_properties(0).uuid)
 
 
-@contextmanager
-def gpu_slot(lock_dir: Path, slots: int, uuid: str) -> Iterator[None]:
+def gpu_slot(lock_dir: Path, slots: int, uuid: str):
     """Holds one of the GPU's `slots`; a client that must wait says so."""
-    lock_dir.mkdir(parents=True, exist_ok=True)
     paths = [lock_dir / f"gpu-{uuid}.slot{k}" for k in range(slots)]
-    handles = [p.open("a+") for p in paths]
-    try:
-        held = next((h for h in handles if _try_lock(h)), None)
-        if held is None:
-            log.warning("GPU %s: all %d training slots busy; waiting for one", uuid, slots)
-            held = handles[os.getpid() % slots]
-            fcntl.flock(held, fcntl.LOCK_EX)
-            log.warning("GPU %s: got a training slot", uuid)
-        yield
-    finally:
-        for h in handles:
-            h.close()  # closing releases the lock
+    return hold_first_free(paths, f"GPU {uuid} training slots")
 
 
-def _try_lock(handle) -> bool:
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+def visible_gpu_bytes() -> int | None:
+    """Memory of the process's one visible GPU; None on the CPU, where nothing is planned."""
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def resolve_checkpointing(model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None) -> ModelSettings:
+    """Turns `gradient-checkpointing = "auto"` into on or off for this GPU.
+
+    Off (faster: bench/README.md) when `sharing` trainings fit the GPU without it, on
+    otherwise; on the CPU there is no memory to plan, so off.
+    """
+    if model.gradient_checkpointing is not None:
+        return model
+    off = replace(model, gradient_checkpointing=False)
+    fits = gpu_bytes is None or sharing * estimate_training_bytes(off, train) <= MEMORY_SHARE * gpu_bytes
+    return replace(model, gradient_checkpointing=not fits)
+
+
+def check_fits(model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None) -> None:
+    """`sharing` trainers that cannot all train at once would fail mid-round: say so at start."""
+    need = estimate_training_bytes(model, train)
+    if gpu_bytes is not None and sharing * need > MEMORY_SHARE * gpu_bytes:
+        fit = math.floor(MEMORY_SHARE * gpu_bytes / need)
+        raise ConfigError(
+            f"--trainers-per-gpu {sharing}: {sharing} trainers of about {need / GIB:.1f} GiB each do not fit this GPU's "
+            f"{gpu_bytes / GIB:.0f} GiB; use at most {fit} (or train.max-trainings-per-gpu = {fit})"
+        )

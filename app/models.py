@@ -53,7 +53,10 @@ def build_model(settings: ModelSettings) -> PeftModel:
 
     Norms and embeddings stay in bf16 (no `prepare_model_for_kbit_training` upcast): the
     fp32 copy of Gemma2's 256k-row embedding alone would cost 3.7 GB per client.
+    Checkpointing "auto" must be resolved first (`gpu_admission.resolve_checkpointing`).
     """
+    if settings.gradient_checkpointing is None:
+        raise ValueError("model.gradient-checkpointing = auto: resolve it for this GPU before building the model")
     on_gpu = torch.cuda.is_available()
     if settings.quantization and not on_gpu:
         raise RuntimeError(f"model.quantization = {settings.quantization} needs a CUDA GPU; use 0 on the CPU")
@@ -62,7 +65,7 @@ def build_model(settings: ModelSettings) -> PeftModel:
         quantization_config=_quantization(settings.quantization),
         dtype=torch.bfloat16 if on_gpu else torch.float32,
         device_map={"": 0} if on_gpu else None,
-        attn_implementation="eager",  # Gemma2's logit soft-capping is exact only in eager attention
+        attn_implementation=settings.attention,  # soft-capping is exact in both allowed kinds
     )
     # We never generate; a hub generation config asking for a hybrid cache would only
     # make transformers warn (and, in some versions, crash its logging) once use_cache is off.

@@ -8,6 +8,7 @@ against the global adapter: a bad one is rejected and logged, the rest aggregate
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any, Callable, Iterable
@@ -34,6 +35,7 @@ class RoundReport:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     aggregate: dict[str, Any] = field(default_factory=dict)
+    aggregate_seconds: float = 0.0
 
 
 class LoraFedAvg(FedAvg):
@@ -73,6 +75,7 @@ class LoraFedAvg(FedAvg):
             else:
                 accepted.append(msg)
         arrays = metrics = None
+        start = time.perf_counter()
         if accepted:
             contents = [msg.content for msg in accepted]
             arrays = self._aggregate_arrays(contents)
@@ -87,6 +90,7 @@ class LoraFedAvg(FedAvg):
                 rejected=rejected,
                 failed=[{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errored],
                 aggregate=dict(metrics) if metrics is not None else {},
+                aggregate_seconds=time.perf_counter() - start,
             )
         )
         return arrays, metrics

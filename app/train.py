@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from app.config import TrainSettings
+from app.config import AppConfig, TrainSettings
 from app.dataset import IGNORE_INDEX
 
 
@@ -72,3 +72,29 @@ def train_adapter(
         tokens=int(trainer.state.num_input_tokens_seen),
         peak_gpu_bytes=torch.cuda.max_memory_allocated() if on_gpu else 0,
     )
+
+
+def train_round(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    config: AppConfig,
+    server_round: int,
+    adapter: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One node's round on a model that may have trained before: the global adapter in,
+    a fresh optimizer (a new Trainer), the round's learning rate; the new adapter out."""
+    learning_rate = cosine_learning_rate(
+        server_round, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min
+    )
+    set_peft_model_state_dict(model, adapter)
+    result = train_adapter(model, tokenizer, dataset, config.train, learning_rate)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
+    metrics = {
+        "train-loss": result.loss,
+        "train-seconds": result.seconds,
+        "train-tokens": result.tokens,
+        "peak-gpu-bytes": result.peak_gpu_bytes,
+        "learning-rate": learning_rate,
+    }
+    return state, metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from app.config import AppConfig, ConfigError
+from app.trainer_service import TrainerSpec, supervise
 from deploy.backends.docker import DockerDeployment, prepare_host_folder
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
@@ -36,14 +38,21 @@ def _hosts(args: argparse.Namespace) -> list[Host]:
     return [Host("localhost", gpus)]
 
 
-def _num_nodes(app: Path) -> int:
-    """One SuperNode per partition of the leaderboard split."""
-    return int(default_run_config(app)["static.dataset.num-partitions"])
+def _trainers(args: argparse.Namespace, config: AppConfig) -> int | None:
+    """--trainers-per-gpu, else train.max-trainings-per-gpu when set, else the layout's default."""
+    if args.trainers_per_gpu is not None:
+        return args.trainers_per_gpu
+    return config.train.max_trainings_per_gpu or None
+
+
+def _plan(args: argparse.Namespace, config: AppConfig, **where) -> Topology:
+    nodes = config.dataset.num_partitions
+    return plan(nodes, _hosts(args), nodes_per_round=config.strategy.nodes_per_round(nodes), trainers=_trainers(args, config), **where)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    nodes = args.nodes or _num_nodes(args.app)
-    print(plan(nodes, _hosts(args)).table())
+    _, config = resolve_run_config(args.app, {})
+    print(_plan(args, config).table())
     return 0
 
 
@@ -55,18 +64,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"No GPU or no model given: running the tiny embedded demo model ({assets.model_dir}).")
         overrides = {**assets.run_config(), **overrides}
     sent, config = resolve_run_config(args.app, overrides)
-    topology = plan(config.dataset.num_partitions, hosts, superlink_port=args.port or free_port())
+    topology = _plan(args, config, superlink_port=args.port or free_port())
     print(topology.table())
     workdir = args.workdir or args.app / ".deploy"
-    with ProcessDeployment(topology, workdir, os.environ) as deployment:
+    with ProcessDeployment(topology, workdir, os.environ, app_dir=args.app, run_config=sent) as deployment:
         print(f"SuperLink and {len(topology.nodes)} SuperNodes are up (logs: {deployment.workdir / 'logs'}).")
         status = deployment.cli.run_to_completion(args.app, sent, deployment.workdir)
     print(f"Results: {config.results_dir}")
     return 0 if status == "finished:completed" else 1
 
 
-def _topology(args: argparse.Namespace):
-    return plan(_num_nodes(args.app), _hosts(args), superlink_address=args.superlink_address, superlink_port=args.port)
+def _stack_config(args: argparse.Namespace) -> tuple[dict, AppConfig]:
+    """The overrides a stack's trainers and `submit` service run with, checked."""
+    return resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+
+
+def _topology(args: argparse.Namespace) -> Topology:
+    _, config = _stack_config(args)
+    return _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)
 
 
 def _render_options(args: argparse.Namespace) -> RenderOptions:
@@ -79,6 +94,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for path in write(_topology(args), args.out, _render_options(args)):
         print(path)
+    return 0
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    """What each backend runs per GPU: the warm trainers for its SuperNodes, until stopped."""
+    _, config = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    supervise(TrainerSpec(args.dir, args.home, args.count, config.model, config.train, args.cache_partitions))
     return 0
 
 
@@ -152,7 +175,11 @@ def _flwr_home() -> Path:
 def cmd_up_process(args: argparse.Namespace) -> int:
     """The same topology as plain processes, in the foreground until Ctrl-C."""
     topology = _topology(args)
-    with ProcessDeployment(topology, (args.dir or args.app) / ".deploy", os.environ, args.connection) as deployment:
+    sent, _ = _stack_config(args)
+    workdir = (args.dir or args.app) / ".deploy"
+    with ProcessDeployment(
+        topology, workdir, os.environ, args.connection, app_dir=args.app, run_config=sent
+    ) as deployment:
         register_connection(_flwr_home(), deployment.connection)
         print(f"{len(topology.nodes)} SuperNodes online. Submit with: flwr run . {args.connection} (Ctrl-C stops)")
         while True:
@@ -212,10 +239,15 @@ def parser() -> argparse.ArgumentParser:
     def layout_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gpus", help="GPU ids for the SuperNodes, e.g. 0,1,2,3 (default: all visible; none: CPU)")
         p.add_argument("--host", action="append", help="NAME or NAME=GPU,GPU (repeat per machine; first runs the SuperLink)")
+        p.add_argument(
+            "--trainers-per-gpu",
+            type=int,
+            help="warm trainers per GPU; 0: each ClientApp trains in its own process "
+            "(default: train.max-trainings-per-gpu if set, else enough for a round's sampled nodes)",
+        )
 
-    p_plan = commands.add_parser("plan", help="print the layout: node, partition, host, GPU")
+    p_plan = commands.add_parser("plan", help="print the layout: node, partition, host, GPU, trainer")
     layout_args(p_plan)
-    p_plan.add_argument("--nodes", type=int, help="number of SuperNodes (default: static.dataset.num-partitions)")
     p_plan.set_defaults(func=cmd_plan)
 
     p_run = commands.add_parser("run", help="start SuperLink and SuperNodes as processes, run the app, stop them")
@@ -285,6 +317,14 @@ def parser() -> argparse.ArgumentParser:
     p_submit.add_argument("--run-config", help="overrides, 'key=value ...'")
     p_submit.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the SuperNodes")
     p_submit.set_defaults(func=cmd_submit)
+
+    p_trainer = commands.add_parser("trainer", help="run one GPU's warm trainers (the backends start it)")
+    p_trainer.add_argument("--dir", type=Path, required=True, help="the host's trainer folder: sockets, locks, auth key")
+    p_trainer.add_argument("--home", required=True, help="gpu<g> or cpu: the name nodes' trainer-home gives")
+    p_trainer.add_argument("--count", type=int, default=1, help="trainers on this GPU")
+    p_trainer.add_argument("--run-config", help="the overrides runs will send, 'key=value ...' or a .toml file")
+    p_trainer.add_argument("--cache-partitions", type=int, default=20, help="tokenized partitions each trainer keeps")
+    p_trainer.set_defaults(func=cmd_trainer)
 
     p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model (compose runs it)")
     p_fetch.add_argument("--model", help="hub id or local folder (default: model.name in pyproject.toml)")

@@ -24,6 +24,12 @@ class DeployError(RuntimeError):
     """The deployment did not come up or a run did not finish; the message is one line."""
 
 
+def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:
+    """Overrides as a TOML file (`--run-config FILE.toml`), so paths with spaces or quotes survive."""
+    path.write_text(tomli_w.dumps(unflatten_dict(dict(run_config))))
+    return path
+
+
 @dataclass(frozen=True)
 class Connection:
     """One `[superlink.<name>]` entry of Flower's config file."""
@@ -103,9 +109,7 @@ class FlwrCli:
             raise DeployError(f"registering {public_key.name} failed: {reason}")
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
-        """A TOML file carries the overrides, so paths with spaces or quotes survive intact."""
-        overrides = scratch / "run-config.toml"
-        overrides.write_text(tomli_w.dumps(unflatten_dict(dict(run_config))))
+        overrides = write_run_config(scratch / "run-config.toml", run_config)
         reply = self._json("run", str(app_dir), self.connection, "--run-config", str(overrides), cwd=app_dir)
         if not reply or not reply.get("success"):
             reason = (reply or {}).get("error-message", "no answer from flwr run")

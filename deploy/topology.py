@@ -6,6 +6,7 @@ the layout, so every backend runs the same federation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,6 +33,11 @@ class Host:
         return cls(name.strip(), parse_gpus(gpus) if gpus.strip() else ())
 
 
+def trainer_home(gpu: int | None) -> str:
+    """What a node's `trainer-home` and its trainers' names say: `gpu<g>`, or `cpu`."""
+    return "cpu" if gpu is None else f"gpu{gpu}"
+
+
 @dataclass(frozen=True)
 class Node:
     partition_id: int
@@ -44,18 +50,43 @@ class Node:
         return f"supernode-{self.partition_id}"
 
     @property
+    def trainer_home(self) -> str:
+        return trainer_home(self.gpu)
+
+    @property
     def node_config(self) -> str:
         return f"partition-id={self.partition_id} num-partitions={self.num_partitions}"
 
 
 @dataclass(frozen=True)
+class TrainerGroup:
+    """The warm trainers of one GPU of a host (or of a CPU-only host)."""
+
+    host: str
+    gpu: int | None
+    count: int
+
+    @property
+    def home(self) -> str:
+        return trainer_home(self.gpu)
+
+    @property
+    def name(self) -> str:
+        return f"trainer-{self.home}"
+
+
+@dataclass(frozen=True)
 class Topology:
-    """The first host also runs the SuperLink (and the ServerApp)."""
+    """The first host also runs the SuperLink (and the ServerApp).
+
+    No trainer groups: every ClientApp trains in its own process (and pays for loading).
+    """
 
     hosts: tuple[Host, ...]
     nodes: tuple[Node, ...]
     superlink_address: str
     superlink_port: int = DEFAULT_PORT
+    trainers: tuple[TrainerGroup, ...] = ()
 
     @property
     def superlink_host(self) -> str:
@@ -64,10 +95,19 @@ class Topology:
     def nodes_on(self, host: str) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.host == host)
 
+    def trainers_on(self, host: str) -> tuple[TrainerGroup, ...]:
+        return tuple(t for t in self.trainers if t.host == host)
+
+    def trainer_of(self, node: Node) -> TrainerGroup | None:
+        return next((t for t in self.trainers if (t.host, t.gpu) == (node.host, node.gpu)), None)
+
     def table(self) -> str:
-        rows = [("node", "partition", "host", "gpu")]
-        rows += [(n.name, str(n.partition_id), n.host, "cpu" if n.gpu is None else str(n.gpu)) for n in self.nodes]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows = [("node", "partition", "host", "gpu", "trainer")]
+        for n in self.nodes:
+            group = self.trainer_of(n)
+            trainer = f"{group.name} (x{group.count})" if group else "in process"
+            rows.append((n.name, str(n.partition_id), n.host, "cpu" if n.gpu is None else str(n.gpu), trainer))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
@@ -81,17 +121,31 @@ def parse_gpus(text: str) -> tuple[int, ...]:
     return gpus
 
 
+def trainers_per_gpu(host: Host, nodes_per_round: int, configured: int | None) -> int:
+    """`configured` wins (0: no trainers); by default enough that a round's sampled nodes
+    each find a free trainer on their host, spread over its GPUs; one on a CPU-only host,
+    whose cores one training already keeps busy."""
+    if configured is not None:
+        return configured
+    return math.ceil(nodes_per_round / len(host.gpus)) if host.gpus else 1
+
+
 def plan(
     num_nodes: int,
     hosts: Sequence[Host],
     superlink_address: str | None = None,
     superlink_port: int = DEFAULT_PORT,
+    nodes_per_round: int = 1,
+    trainers: int | None = None,
 ) -> Topology:
     """Node i takes slot i mod S, slots being every (host, GPU) pair in order.
 
     With one host of G GPUs that puts node i on GPU i mod G; a host without GPUs offers
-    one CPU slot. The SuperLink address defaults to the first host's name.
+    one CPU slot. The SuperLink address defaults to the first host's name. Each slot gets
+    `trainers_per_gpu` warm trainers (`trainers`: per GPU, None for the default).
     """
+    if trainers is not None and trainers < 0:
+        raise LayoutError(f"--trainers-per-gpu {trainers}: must be 0 (train inside each ClientApp) or more")
     if num_nodes < 1:
         raise LayoutError(f"number of nodes = {num_nodes}: must be at least 1")
     if not hosts:
@@ -101,4 +155,10 @@ def plan(
         raise LayoutError(f"hosts {names}: names must be distinct")
     slots = [(h.name, g) for h in hosts for g in (h.gpus or (None,))]
     nodes = tuple(Node(i, num_nodes, *slots[i % len(slots)]) for i in range(num_nodes))
-    return Topology(tuple(hosts), nodes, superlink_address or hosts[0].name, superlink_port)
+    groups = tuple(
+        TrainerGroup(h.name, g, count)
+        for h in hosts
+        if (count := trainers_per_gpu(h, nodes_per_round, trainers))
+        for g in (h.gpus or (None,))
+    )
+    return Topology(tuple(hosts), nodes, superlink_address or hosts[0].name, superlink_port, groups)

@@ -12,11 +12,15 @@ def deploy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True)
 
 
-def test_plan_prints_node_partition_host_gpu():
+def test_plan_prints_node_partition_host_gpu_trainer():
     done = deploy("plan", "--gpus", "0,1,2")
     lines = done.stdout.splitlines()
-    assert done.returncode == 0 and lines[0].split() == ["node", "partition", "host", "gpu"]
-    assert len(lines) == 21 and lines[5].split() == ["supernode-4", "4", "localhost", "1"]
+    assert done.returncode == 0 and lines[0].split() == ["node", "partition", "host", "gpu", "trainer"]
+    assert len(lines) == 21 and lines[5].split() == ["supernode-4", "4", "localhost", "1", "trainer-gpu1", "(x1)"]
+    one_gpu = deploy("plan", "--gpus", "0").stdout.splitlines()
+    assert one_gpu[1].split() == ["supernode-0", "0", "localhost", "0", "trainer-gpu0", "(x2)"]
+    in_process = deploy("plan", "--gpus", "0", "--trainers-per-gpu", "0").stdout.splitlines()
+    assert in_process[1].split() == ["supernode-0", "0", "localhost", "0", "in", "process"]
 
 
 @pytest.mark.parametrize(

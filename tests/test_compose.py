@@ -5,7 +5,8 @@ import subprocess
 import pytest
 import yaml
 
-from deploy.compose import RenderOptions, dump, render, write
+from deploy.cli import main
+from deploy.compose import RenderOptions, render, write
 from deploy.topology import Host, LayoutError, parse_gpus, plan
 from tests.conftest import ROOT
 
@@ -16,8 +17,10 @@ def supernodes(document):
     return {name: s for name, s in document["services"].items() if name.startswith("supernode-")}
 
 
-def node_config(service) -> str:
-    return service["command"][service["command"].index("--node-config") + 1].removesuffix(' lock-dir="/locks"')
+def node_config(service, part: str = "partition") -> str:
+    """The node's partition (`partition-id=.. num-partitions=..`) or its training settings."""
+    words = service["command"][service["command"].index("--node-config") + 1].split()
+    return " ".join(words[:2] if part == "partition" else words[2:])
 
 
 def gpu_of(service):
@@ -27,7 +30,7 @@ def gpu_of(service):
 
 @pytest.mark.parametrize("gpus", [1, 2, 3, 8])
 def test_single_host_puts_node_i_on_gpu_i_mod_g(gpus):
-    topology = plan(NODES, [Host("gpu-box", tuple(range(gpus)))])
+    topology = plan(NODES, [Host("gpu-box", tuple(range(gpus)))], nodes_per_round=2)
     (document,) = render(topology).values()
     nodes = supernodes(document)
     assert sorted(nodes) == sorted(f"supernode-{i}" for i in range(NODES))
@@ -35,8 +38,28 @@ def test_single_host_puts_node_i_on_gpu_i_mod_g(gpus):
         service = nodes[f"supernode-{i}"]
         assert node_config(service) == f"partition-id={i} num-partitions={NODES}"
         assert gpu_of(service) == i % gpus
+        assert node_config(service, "training") == f'trainer-dir="/trainers" trainer-home="gpu{i % gpus}"'
+        assert service["depends_on"][f"trainer-gpu{i % gpus}"] == {"condition": "service_started"}
+        assert "HF_TOKEN" not in yaml.safe_dump(service)  # it loads no model
         assert service["command"][service["command"].index("--superlink") + 1] == "superlink:8000"
     assert {"setup", "superlink", "register-nodes", "serverapp", "model-fetch", "submit"} <= set(document["services"])
+    trainers = {name: s for name, s in document["services"].items() if name.startswith("trainer-")}
+    assert sorted(trainers) == sorted(f"trainer-gpu{g}" for g in range(gpus))
+    for g in range(gpus):
+        command = trainers[f"trainer-gpu{g}"]["command"]
+        assert gpu_of(trainers[f"trainer-gpu{g}"]) == g
+        assert command[command.index("--home") + 1] == f"gpu{g}"
+        # The round's two sampled nodes find a trainer each on the host: 2 on one GPU, 1 on more.
+        assert command[command.index("--count") + 1] == str(-(-2 // gpus))
+
+
+def test_no_trainers_means_training_in_each_clientapp():
+    (document,) = render(plan(NODES, [Host("gpu-box", (0,))], trainers=0)).values()
+    assert not any(name.startswith("trainer-") for name in document["services"])
+    for service in supernodes(document).values():
+        assert node_config(service, "training") == 'lock-dir="/locks"'
+        assert "gpu-locks:/locks" in service["volumes"] and service["environment"] == {"HF_TOKEN": "${HF_TOKEN:-}"}
+    assert set(document["volumes"]) == {"superlink-state", "hf-cache", "gpu-locks"}
 
 
 def test_explicit_gpu_ids_are_used_round_robin():
@@ -50,6 +73,9 @@ def test_two_hosts_share_the_partitions_and_point_at_the_first():
     documents = render(topology)
     alpha, beta = documents["alpha"], documents["beta"]
     assert "superlink" in alpha["services"] and "superlink" not in beta["services"]
+    # Each host runs the trainers of its own GPUs, for its own nodes only.
+    assert {n for n in alpha["services"] if n.startswith("trainer-")} == {"trainer-gpu0", "trainer-gpu1"}
+    assert {n for n in beta["services"] if n.startswith("trainer-")} == {"trainer-gpu0", "trainer-gpu1", "trainer-gpu2"}
     assert "serverapp" not in beta["services"] and "model-fetch" in beta["services"]
     partitions = [node_config(s) for d in (alpha, beta) for s in supernodes(d).values()]
     assert sorted(partitions) == sorted(f"partition-id={i} num-partitions={NODES}" for i in range(NODES))
@@ -87,10 +113,10 @@ def test_layout_errors_are_one_line():
         plan(NODES, [Host("a"), Host("a")])
 
 
-def test_committed_compose_yaml_is_the_rendered_default():
+def test_committed_compose_yaml_is_the_rendered_default(tmp_path):
     """compose.yaml is `deploy render --gpus 0`: one CUDA host, 20 SuperNodes on GPU 0."""
-    expected = dump(render(plan(NODES, [Host("localhost", (0,))]))["localhost"])
-    assert (ROOT / "compose.yaml").read_text() == expected
+    assert main(["--app", str(ROOT), "render", "--gpus", "0", "--out", str(tmp_path)]) == 0
+    assert (ROOT / "compose.yaml").read_text() == (tmp_path / "compose.yaml").read_text()
 
 
 @pytest.mark.parametrize(

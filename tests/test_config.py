@@ -20,6 +20,13 @@ def test_pyproject_defaults_are_the_seed_job():
     assert (config.train.batch_size, config.train.gradient_accumulation_steps, config.train.logging_steps) == (2, 4, 1)
     assert (config.strategy.num_rounds, config.train.save_every_round, config.strategy.use_flexlora) == (10, 5, False)
     assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
+    assert config.model.gradient_checkpointing is None and config.model.attention == "eager"  # None: auto
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("auto", None)])
+def test_gradient_checkpointing_is_on_off_or_auto(run_config, value, expected):
+    run_config["model.gradient-checkpointing"] = value
+    assert AppConfig.from_run_config(run_config).model.gradient_checkpointing is expected
 
 
 def test_demo_config_is_valid(run_config):
@@ -37,7 +44,9 @@ def test_demo_config_is_valid(run_config):
         ("model.quantization", 3, "model.quantization = 3: must be one of 0, 4, 8"),
         ("model.quantization", "4", "model.quantization = '4': must be one of 0, 4, 8"),
         ("strategy.use-flexlora", 2, "strategy.use-flexlora = 2: must be 0 (FedAvg) or 1 (FlexLoRA)"),
-        ("model.gradient-checkpointing", 1, "model.gradient-checkpointing = 1: must be a bool"),
+        ("model.gradient-checkpointing", 1, 'model.gradient-checkpointing = 1: must be true, false or "auto"'),
+        ("model.gradient-checkpointing", "on", 'model.gradient-checkpointing = \'on\': must be true, false or "auto"'),
+        ("model.attention", "sdpa", "model.attention = 'sdpa': must be one of eager, flex_attention"),
         ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
         ("dataset.data-files", "/no/such.json", "dataset.data-files = '/no/such.json': no such file"),
         ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
@@ -74,4 +83,16 @@ def test_bad_node_config(run_config, node_config, message):
 
 def test_good_node_config(run_config):
     node = NodeSettings.from_node_config({"partition-id": 19, "num-partitions": 20}, AppConfig.from_run_config(run_config))
-    assert (node.partition_id, node.num_partitions) == (19, 20)
+    assert (node.partition_id, node.num_partitions, node.trainer_dir) == (19, 20, None)
+    served = NodeSettings.from_node_config(
+        {"partition-id": 3, "num-partitions": 20, "trainer-dir": "/trainers", "trainer-home": "gpu1"},
+        AppConfig.from_run_config(run_config),
+    )
+    assert (str(served.trainer_dir), served.trainer_home) == ("/trainers", "gpu1")
+
+
+def test_a_trainer_folder_needs_the_nodes_home(run_config):
+    with pytest.raises(ConfigError, match=r"^trainer-home: missing from the node config$"):
+        NodeSettings.from_node_config(
+            {"partition-id": 3, "num-partitions": 20, "trainer-dir": "/trainers"}, AppConfig.from_run_config(run_config)
+        )

@@ -1,49 +1,57 @@
 """A real local deployment: one SuperLink and 20 SuperNodes as processes, on the CPU.
 
-Both aggregations run on the same deployment, three rounds each, through `flwr run`.
+Both aggregations run on the same deployment, three rounds each, through `flwr run`:
+once with a warm trainer serving the nodes, once with each ClientApp training itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 
 import psutil
 import pytest
 
+from app.trainer_client import ping
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.project import resolve_run_config
 from deploy.topology import Host, plan
 from tests.conftest import ROOT, assert_adapter_trained
 
 NODES = 20
+TRAINER = "cpu-0"
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    topology = plan(NODES, [Host("localhost")], superlink_port=free_port())
+@pytest.fixture(scope="module", params=["trainer", "in-process"])
+def deployment(request, demo, tmp_path_factory):
+    trainers = None if request.param == "trainer" else 0
+    topology = plan(NODES, [Host("localhost")], superlink_port=free_port(), nodes_per_round=2, trainers=trainers)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    with ProcessDeployment(topology, tmp_path_factory.mktemp("deploy"), env) as started:
+    sent, _ = resolve_run_config(ROOT, demo.run_config())
+    workdir = tmp_path_factory.mktemp(request.param)
+    with ProcessDeployment(topology, workdir, env, app_dir=ROOT, run_config=sent) as started:
         yield started
+
+
+def run(deployment, demo, results, **overrides):
+    """Submits a run of the tiny model and waits for it; returns its folder and rounds."""
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(results), **overrides})
+    run_id = deployment.cli.submit(ROOT, sent, results)
+    deployment.cli.stream_logs(run_id)
+    status, details = deployment.cli.wait_finished(run_id, timeout=60)
+    assert status == "finished:completed", details
+    (run_dir,) = results.glob("*-run*")
+    return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
 def test_three_rounds(deployment, demo, tmp_path, use_flexlora):
-    overrides = {
-        **demo.run_config(),
-        "num-server-rounds": 3,
-        "strategy.use-flexlora": use_flexlora,
-        "train.save-every-round": 2,
-        "results.dir": str(tmp_path),
-    }
-    sent, _ = resolve_run_config(ROOT, overrides)
-    run_id = deployment.cli.submit(ROOT, sent, tmp_path)
-    deployment.cli.stream_logs(run_id)
-    status, details = deployment.cli.wait_finished(run_id, timeout=60)
-    assert status == "finished:completed", details
-
-    (run_dir,) = tmp_path.glob("*-run*")
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_dir, rounds = run(
+        deployment, demo, tmp_path, **{"num-server-rounds": 3, "strategy.use-flexlora": use_flexlora, "train.save-every-round": 2}
+    )
     assert [r["round"] for r in rounds] == [1, 2, 3]
     partitions = []
     for r in rounds:
@@ -55,17 +63,70 @@ def test_three_rounds(deployment, demo, tmp_path, use_flexlora):
         assert r["aggregate"]["train-loss"] > 0
     assert len(set(partitions)) > 1, "every round trained the same partitions"
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "round-0", "round-2", "round-3"]
+    assert_adapter_trained(demo, run_dir, final_round=3)
 
+    clients = [c for r in rounds for c in r["clients"]]
+    logs = "".join(p.read_text() for p in (deployment.workdir / "logs").glob("supernode-*.log"))
+    if deployment.topology.trainers:
+        # One trainer process served all six trainings and loaded the model once, at its start.
+        status = ping(deployment.trainer_dir, TRAINER, timeout=10)
+        assert {c["trainer-pid"] for c in clients} == {status["pid"]}
+        assert {c["trainer-model-loads"] for c in clients} == {1} and status["model-loads"] == 1
+        assert f"trained on warm trainer {TRAINER}" in logs and "training in this ClientApp process" not in logs
+    else:
+        assert not any("trainer-pid" in c for c in clients)
+        assert "training in this ClientApp process" in logs and "warm trainer" not in logs
+
+
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
+def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment, demo, tmp_path):
+    """Killed while it trains round 2: that node's update fails and is recorded; later rounds
+    train on the restarted trainer."""
+    victim = ping(deployment.trainer_dir, TRAINER, timeout=10)["pid"]
+    log = deployment.workdir / "logs" / "trainer-cpu.log"
+    killer = _kill_when(log, f"(pid {victim}): round 2, partition", victim)
+    # Long enough a training (a few seconds) that the kill lands inside it.
+    run_dir, rounds = run(deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.max-steps": 40})
+    assert killer() is True
+    assert [len(r["clients"]) + len(r["failed"]) for r in rounds] == [2, 2, 2]
+    assert len(rounds[1]["failed"]) == 1 and "ended during the request" in rounds[1]["failed"][0]["reason"]
+    restarted = ping(deployment.trainer_dir, TRAINER, timeout=10)["pid"]
+    assert restarted != victim
+    assert {c["trainer-pid"] for c in rounds[2]["clients"]} == {restarted}
     assert_adapter_trained(demo, run_dir, final_round=3)
 
 
+def _kill_when(log, marker: str, pid: int):
+    """Watches what `log` gets from now on, in a thread; the returned call says whether the kill happened."""
+    killed: list[bool] = []
+    start = len(log.read_text())
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if marker in log.read_text()[start:]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(True)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def result() -> bool:
+        thread.join(10)
+        return bool(killed)
+
+    return result
+
+
 def test_stopping_leaves_no_process(deployment):
-    """Every process group we started, with the SuperExec and ClientApps Flower spawned in it.
+    """Every process group we started, with the SuperExec, ClientApp and trainer processes in it.
 
     Dead children that the container's init has not reaped yet (zombies) run nothing.
     """
     groups = set(deployment.pids())
-    assert len(groups) == NODES + 1
+    assert len(groups) == NODES + 1 + len(deployment.topology.trainers)
     members = [p for p in psutil.process_iter() if _pgid(p.pid) in groups]
     assert len(members) > len(groups), "the SuperLink and SuperNodes spawn SuperExec processes"
     deployment.down()

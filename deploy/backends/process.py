@@ -1,14 +1,17 @@
 """Starts a Topology as plain processes on this machine: no Docker needed.
 
-One `flower-superlink` and one `flower-supernode` per node, each SuperNode with its own
-FLWR_HOME, Runtime API port and `CUDA_VISIBLE_DEVICES`. Every process is started in its
-own process group so that stopping the deployment also stops the SuperExec and ClientApp
-processes Flower spawns beneath it.
+One `flower-superlink`, one `deploy trainer` supervisor per GPU (the warm trainers,
+started first so they load the model while the SuperNodes connect) and one
+`flower-supernode` per node, each with its own FLWR_HOME, Runtime API port and
+`CUDA_VISIBLE_DEVICES`. Every process is started in its own process group so that
+stopping the deployment also stops the SuperExec, ClientApp and trainer processes
+spawned beneath it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,10 +19,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Any, Mapping
 
-from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
+from app.trainer_client import TrainerUnavailable, ping
+from app.trainer_protocol import ensure_authkey, trainer_name
+from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection, write_run_config
 from deploy.topology import Topology
+
+# Trainers load the model before they listen: a 9B download or a cold page cache is slow.
+TRAINER_TIMEOUT = 1800
 
 
 def free_ports(count: int) -> list[int]:
@@ -56,7 +64,10 @@ class ProcessDeployment:
         env: Mapping[str, str],
         connection_name: str = "local-deployment",
         bin_dir: Path = Path(sys.executable).parent,
+        app_dir: Path | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ):
+        """`app_dir` and `run_config` (the overrides runs will send) tell trainers what to load."""
         if len(topology.hosts) != 1:
             raise DeployError(f"the process backend runs one host; this layout has {len(topology.hosts)}")
         self.topology = topology
@@ -66,6 +77,9 @@ class ProcessDeployment:
         self.env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
         self.connection = Connection(connection_name, f"127.0.0.1:{topology.superlink_port}")
         self.cli = FlwrCli(bin_dir / "flwr", self.workdir / "flwr-home", connection_name, self.env)
+        self.trainer_dir = self.workdir / "trainers"
+        self.app_dir = app_dir
+        self.run_config = dict(run_config or {})
         self._started: list[_Started] = []
 
     def __enter__(self) -> "ProcessDeployment":
@@ -99,6 +113,7 @@ class ProcessDeployment:
         )
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
+        self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self._start(
                 node.name,
@@ -106,7 +121,7 @@ class ProcessDeployment:
                     "flower-supernode",
                     "--insecure",
                     "--superlink", self.connection.address,
-                    "--node-config", f'{node.node_config} lock-dir="{self.workdir / "locks"}"',
+                    "--node-config", f"{node.node_config} {self._training_config(node)}",
                     "--port", str(port),
                 ],
                 {
@@ -115,6 +130,51 @@ class ProcessDeployment:
                 },
             )
         self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)
+        self.wait_for_trainers(TRAINER_TIMEOUT)
+
+    def _training_config(self, node) -> str:
+        """Node config: the host's trainers and this node's own, or the in-process GPU locks."""
+        if self.topology.trainer_of(node) is None:
+            return f'lock-dir="{self.workdir / "locks"}"'
+        return f'trainer-dir="{self.trainer_dir}" trainer-home="{node.trainer_home}"'
+
+    def _start_trainers(self) -> None:
+        if not self.topology.trainers:
+            return
+        if self.app_dir is None:
+            raise DeployError("trainers need the app folder: pass app_dir to ProcessDeployment")
+        shutil.rmtree(self.trainer_dir, ignore_errors=True)  # no locks or sockets of an earlier start
+        ensure_authkey(self.trainer_dir)
+        overrides = write_run_config(self.workdir / "trainer-run-config.toml", self.run_config)
+        for group in self.topology.trainers:
+            self._start(
+                group.name,
+                [
+                    "python", "-m", "deploy", "--app", str(self.app_dir), "trainer",
+                    "--dir", str(self.trainer_dir),
+                    "--home", group.home,
+                    "--count", str(group.count),
+                    "--run-config", str(overrides),
+                ],
+                {"CUDA_VISIBLE_DEVICES": "" if group.gpu is None else str(group.gpu)},
+            )
+
+    def trainer_names(self) -> list[str]:
+        return [trainer_name(g.home, k) for g in self.topology.trainers for k in range(g.count)]
+
+    def wait_for_trainers(self, timeout: float) -> dict[str, dict]:
+        """Every trainer answers a handshake once its model is loaded; returns their status."""
+        deadline = time.monotonic() + timeout
+        status = {}
+        for name in self.trainer_names():
+            while name not in status:
+                try:
+                    status[name] = ping(self.trainer_dir, name, timeout=1)
+                except TrainerUnavailable:
+                    self.check_alive()
+                    if time.monotonic() > deadline:
+                        raise DeployError(f"trainer {name} not ready after {timeout:.0f} s (log: {self.workdir / 'logs'})")
+        return status
 
     def _start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
         log_path = self.workdir / "logs" / f"{name}.log"
