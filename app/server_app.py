@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from app.checkpoint import RunRecorder, save_adapter
 from app.config import AppConfig
+from app.grid import PromptGrid
 from app.models import initial_adapter
 from app.strategy import LoraFedAvg
 
@@ -37,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=num_nodes,
     )
     strategy.start(
-        grid=grid,
+        grid=PromptGrid(grid),
         initial_arrays=ArrayRecord(initial),
         num_rounds=config.strategy.num_rounds,
         train_config=ConfigRecord(),

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from deploy.topology import Node, Topology, TrainerGroup
+from deploy.topology import SUPERNODE_ENV, Node, Topology, TrainerGroup
 
 PROJECT = "flowertune"
 SUPERLINK_IMAGE = "flowertune-deploy/superlink:0.1.0"
@@ -238,10 +238,10 @@ def _supernode(
     """Pinned to its GPU either way; with a trainer, it reaches the GPU through that trainer."""
     if trainer is None:
         training, volumes = 'lock-dir="/locks"', ["hf-cache:/home/flwr/.cache/huggingface", "gpu-locks:/locks"]
-        environment = {"environment": {"HF_TOKEN": "${HF_TOKEN:-}"}}
+        environment = {**SUPERNODE_ENV, "HF_TOKEN": "${HF_TOKEN:-}"}
     else:  # it loads no model, so it needs no token
         training, volumes = f'trainer-dir="{TRAINERS}" trainer-home="{node.trainer_home}"', [f"trainers:{TRAINERS}"]
-        environment = {}
+        environment = dict(SUPERNODE_ENV)
     service: dict[str, Any] = {
         **_common(APP_IMAGE),
         "command": [
@@ -251,7 +251,7 @@ def _supernode(
             *_tls_args(options, client=True),
             *([] if options.insecure else ["--auth-supernode-private-key", "/keys/node.key"]),
         ],
-        **environment,
+        "environment": environment,
         "volumes": [
             *volumes,
             *_certs_volume(options),

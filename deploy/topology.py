@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 DEFAULT_PORT = 8000  # Flower 1.42 serves Fleet, Control and Runtime APIs on this one port
+# Flower's own setting: a SuperNode's SuperExec looks for a new message to run every 1 s by
+# default; a round with a warm trainer is short enough that the wait shows.
+SUPERNODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 class LayoutError(ValueError):

@@ -58,7 +58,7 @@ def test_no_trainers_means_training_in_each_clientapp():
     assert not any(name.startswith("trainer-") for name in document["services"])
     for service in supernodes(document).values():
         assert node_config(service, "training") == 'lock-dir="/locks"'
-        assert "gpu-locks:/locks" in service["volumes"] and service["environment"] == {"HF_TOKEN": "${HF_TOKEN:-}"}
+        assert "gpu-locks:/locks" in service["volumes"] and service["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
     assert set(document["volumes"]) == {"superlink-state", "hf-cache", "gpu-locks"}
 
 

@@ -24,7 +24,7 @@ from typing import IO, Any, Mapping
 from app.trainer_client import TrainerUnavailable, ping
 from app.trainer_protocol import ensure_authkey, trainer_name
 from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection, write_run_config
-from deploy.topology import Topology
+from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
 TRAINER_TIMEOUT = 1800
@@ -127,6 +127,7 @@ class ProcessDeployment:
                 {
                     "FLWR_HOME": str(self.workdir / "nodes" / node.name),
                     "CUDA_VISIBLE_DEVICES": "" if node.gpu is None else str(node.gpu),
+                    **SUPERNODE_ENV,
                 },
             )
         self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)

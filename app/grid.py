@@ -1,0 +1,58 @@
+"""The ServerApp's Grid, answering a round as soon as its replies are in.
+
+Flower's deployment Grid looks for replies every 3 s, so each round ends up to 3 s after
+its last reply; with warm trainers that was a sizeable share of a ~20 s round. This
+wrapper keeps Flower's own push and pull calls and only looks more often.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.supercore.run import Run
+from flwr.serverapp import Grid
+
+POLL_SECONDS = 0.25
+
+
+class PromptGrid(Grid):
+    def __init__(self, grid: Grid, poll_seconds: float = POLL_SECONDS):
+        self._grid = grid
+        self._poll = poll_seconds
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's contract: every reply, or those in by `timeout` seconds."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self._poll)
+        return replies

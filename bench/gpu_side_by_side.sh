@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Device commands for the side-by-side round benchmark (bench/README.md, "Warm trainers"),
+# on a 2-GPU machine, two calls on the same warm machine:
+#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
+#   run(command="bash bench/gpu_side_by_side.sh B", carry=[same])
+# A: warm trainers on GPU 0 (FedAvg then FlexLoRA on one deployment) while GPU 1 runs the
+#    seed mode with FedAvg; then warm trainers on GPUs 0,1 (FedAvg).
+# B: ours in process (today's path: a fresh ClientApp per round, checkpointing on) on GPU 0
+#    while GPU 1 runs the seed mode with dense FlexLoRA (2 rounds: ~150 s each).
+# The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
+# What comes back: the call's log and results_<A|B>.tar.gz (JSON, logs of every process).
+# Conditions: random Gemma2-9B-shaped weights (bench/make_random_gemma2.py), the tiny demo
+# tokenizer, 1,600 long rows (80 a partition: every client trains its full 10 steps of
+# 2 x 512 tokens), NF4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 sampled a round, 4 rounds.
+. bench/gpu_common.sh "side_by_side_$1.log"
+R=/tmp/bench-results
+mkdir -p "$R"
+export NCCL_NVLS_ENABLE=0
+VENV=${VENV:-/var/tmp/ftvenv}
+MODEL=${MODEL:-/var/tmp/gemma2-9b-random}
+DATA=$PWD/.gpu-carry/smoke-alpaca.json
+PY="env PYTHONPATH=$PWD $VENV/bin/python"
+stamp "setup"
+bash bench/gpu_setup.sh "$VENV" || exit 1
+python3 bench/make_random_gemma2.py --out "$MODEL" --tokenizer .gpu-carry/tokenizer --json "$R/model_build_$1.json" || exit 1
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+ours() {  # LABEL GPUS RUNS [round_bench options...]
+  local label=$1 gpus=$2 runs=$3; shift 3
+  timeout -k 20 "$LIMIT" $PY bench/round_bench.py --label "$label" --gpus "$gpus" --runs "$runs" --model "$MODEL" \
+    --data "$DATA" --workdir /tmp/round-bench --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
+  echo "ours $label exited $?"; grep "^\[" "$R/$label.log"
+}
+seed() {  # NAME GPU [seed_mode options...]
+  local name=$1 gpu=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout -k 20 "$LIMIT" $PY bench/seed_mode.py --model "$MODEL" --data-files "$DATA" \
+    --quantization 4 --json "$R/$name.json" "$@" > "$R/$name.log" 2>&1
+  echo "seed $name exited $?"; grep -E "^round|^save|import" "$R/$name.log"
+}
+case "$1" in
+  A)
+    stamp "warm trainers on GPU 0 | seed mode FedAvg on GPU 1"
+    LIMIT=330 seed seed-fedavg 1 --rounds 4 & S=$!
+    LIMIT=330 ours warm-1gpu 0 fedavg,flexlora
+    wait $S
+    stamp "warm trainers on GPUs 0,1"
+    LIMIT=170 ours warm-2gpu 0,1 fedavg
+    ;;
+  B)
+    stamp "in process on GPU 0 | seed mode FlexLoRA on GPU 1"
+    LIMIT=480 seed seed-flexlora 1 --flexlora --rounds 2 & S=$!
+    LIMIT=480 ours in-process-1gpu 0 fedavg --trainers-per-gpu 0 --run-config "model.gradient-checkpointing=true"
+    wait $S
+    ;;
+esac
+tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null
+stamp "done"
