@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from logging import INFO
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
-from safetensors.numpy import load, save
-
 from app.config import AppConfig, NodeSettings
 from app.trainer_client import train_remotely
+from app.wire import pack, pack_bytes, packed_bytes, unpack
 
 app = ClientApp()
 # A trainer may still be loading the model, or be restarting after a crash.
@@ -30,21 +29,21 @@ def train(msg: Message, context: Context) -> Message:
     config = AppConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config, config)
     server_round = int(msg.content["config"]["server-round"])
-    adapter = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     if node.trainer_dir is None:
         log(INFO, "partition %d, round %d: training in this ClientApp process", node.partition_id, server_round)
         from app.in_process import train_in_process  # torch and transformers: this path only
 
-        state, metrics = train_in_process(config, node, server_round, adapter)
+        state, metrics = train_in_process(config, node, server_round, unpack(msg.content["arrays"]))
+        arrays = pack(state)
     else:
-        reply = train_remotely(node, config, server_round, save(adapter), TRAINER_TIMEOUT_SECONDS)
+        # The packed adapter is a safetensors file already: the trainer takes it as it is.
+        reply = train_remotely(node, config, server_round, packed_bytes(msg.content["arrays"]), TRAINER_TIMEOUT_SECONDS)
         log(
             INFO,
             "partition %d, round %d: trained on warm trainer %s%s",
             node.partition_id, server_round, reply.trainer, " (its own GPU's were busy)" if reply.overflow else "",
         )
-        state = load(reply.adapter)
+        arrays = pack_bytes(reply.adapter)
         metrics = {**reply.metrics, "queue-seconds": reply.queue_seconds, "trainer-overflow": int(reply.overflow)}
     metrics = {**metrics, "partition-id": node.partition_id, "client-seconds": time.perf_counter() - start}
-    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

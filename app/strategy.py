@@ -14,13 +14,14 @@ from logging import WARNING
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from app.aggregation import flexlora
+from app.wire import WireError, pack, unpack
 
 WEIGHT_KEY = "num-examples"
 
@@ -59,8 +60,9 @@ class LoraFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """The global adapter goes out packed (`app.wire`); the strategy keeps it per tensor."""
         self.current = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, pack(arrays), config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -68,7 +70,8 @@ class LoraFedAvg(FedAvg):
         answered, errored = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         accepted, rejected = [], []
         for msg in answered:
-            problem = self.find_problem(msg.content)
+            problem = self.unpack_reply(msg)
+            problem = problem or self.find_problem(msg.content)
             if problem:
                 log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, msg.metadata.src_node_id, problem)
                 rejected.append({"node-id": msg.metadata.src_node_id, "reason": problem})
@@ -95,6 +98,18 @@ class LoraFedAvg(FedAvg):
         )
         return arrays, metrics
 
+    @staticmethod
+    def unpack_reply(msg: Message) -> str | None:
+        """Replaces the reply's packed adapter by its tensors, or says why it cannot."""
+        if len(msg.content.array_records) != 1:
+            return "expected one ArrayRecord and one MetricRecord"
+        name, record = next(iter(msg.content.array_records.items()))
+        try:
+            msg.content[name] = ArrayRecord({k: Array(v) for k, v in unpack(record).items()})
+        except WireError as err:
+            return str(err)
+        return None
+
     def find_problem(self, content: RecordDict) -> str | None:
         """Why an update must not be aggregated, or None when it is sound."""
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
@@ -108,8 +123,8 @@ class LoraFedAvg(FedAvg):
         if set(arrays) != set(self.current):
             missing, extra = set(self.current) - set(arrays), set(arrays) - set(self.current)
             return f"adapter keys differ ({len(missing)} missing, {len(extra)} unexpected)"
-        for key, array in arrays.items():
-            expected = self.current[key]
+        for key in sorted(arrays):  # the first problem named is the same whatever the order sent
+            array, expected = arrays[key], self.current[key]
             if array.shape != expected.shape or array.dtype != expected.dtype:
                 return f"{key}: {array.dtype}{list(array.shape)} instead of {expected.dtype}{list(expected.shape)}"
             if not np.isfinite(array.numpy()).all():

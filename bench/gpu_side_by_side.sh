@@ -3,10 +3,14 @@
 # on a 2-GPU machine, two calls on the same warm machine:
 #   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
 #   run(command="bash bench/gpu_side_by_side.sh B", carry=[same])
+#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh C", carry=[same])
 # A: warm trainers on GPU 0 (FedAvg then FlexLoRA on one deployment) while GPU 1 runs the
 #    seed mode with FedAvg; then warm trainers on GPUs 0,1 (FedAvg).
 # B: ours in process (today's path: a fresh ClientApp per round, checkpointing on) on GPU 0
 #    while GPU 1 runs the seed mode with dense FlexLoRA (2 rounds: ~150 s each).
+# C: after the adapter travels packed (app/wire.py): warm trainers on GPU 0 (FedAvg, FlexLoRA)
+#    while GPU 1 runs ours in process; then warm trainers on GPUs 0,1 (FedAvg).
+# A and B ran before the packing: their warm and in-process rounds paid ~45 s of transfers.
 # The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
 # What comes back: the call's log and results_<A|B>.tar.gz (JSON, logs of every process).
 # Conditions: random Gemma2-9B-shaped weights (bench/make_random_gemma2.py), the tiny demo
@@ -50,6 +54,14 @@ case "$1" in
     LIMIT=480 seed seed-flexlora 1 --flexlora --rounds 2 & S=$!
     LIMIT=480 ours in-process-1gpu 0 fedavg --trainers-per-gpu 0 --run-config "model.gradient-checkpointing=true"
     wait $S
+    ;;
+  C)
+    stamp "warm trainers on GPU 0 | ours in process on GPU 1 (adapter packed, checkpointing auto)"
+    LIMIT=290 ours in-process-packed 1 fedavg --trainers-per-gpu 0 & S=$!
+    LIMIT=290 ours warm-1gpu 0 fedavg,flexlora
+    wait $S
+    stamp "warm trainers on GPUs 0,1"
+    LIMIT=170 ours warm-2gpu 0,1 fedavg
     ;;
 esac
 tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null

@@ -5,10 +5,11 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from app.strategy import LoraFedAvg, RoundReport
+from app.wire import KEY, pack, pack_bytes, unpack
 
 KEYS = ("m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight")
 
@@ -27,7 +28,8 @@ def adapter(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
 def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Message:
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
     metrics = {"num-examples": examples, "train-loss": 1.0, "train-tokens": 5, "train-seconds": 1.0, "peak-gpu-bytes": 0}
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({**metrics, **extra_metrics})})
+    arrays = state if isinstance(state, ArrayRecord) else pack({k: v.numpy() for k, v in state.items()})
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**metrics, **extra_metrics})})
     return Message(content, reply_to=instruction)
 
 
@@ -68,6 +70,8 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     nan[KEYS[0]][0, 0] = float("nan")
     wrong_keys = {"other.lora_A.weight": good[KEYS[0]], KEYS[1]: good[KEYS[1]]}
     wrong_shape = adapter(3, rank=5)
+    unpacked = ArrayRecord(good)  # one Array per tensor: not what our ClientApp sends
+    garbage = pack_bytes(b"not a safetensors file")
     crashed = Message(Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train"))
     replies = [
         reply(11, good),
@@ -75,6 +79,8 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
         reply(13, wrong_keys),
         reply(14, wrong_shape),
         reply(15, good, examples=0),
+        reply(17, unpacked),
+        reply(18, garbage),
         crashed,
     ]
     flwr_logger = logging.getLogger("flwr")
@@ -89,12 +95,14 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     report = reports[0]
     assert [c["node-id"] for c in report.clients] == [11]
     reasons = {r["node-id"]: r["reason"] for r in report.rejected}
-    assert set(reasons) == {12, 13, 14, 15}
+    assert set(reasons) == {12, 13, 14, 15, 17, 18}
     assert "NaN" in reasons[12] and "keys differ" in reasons[13] and "[5, 12]" in reasons[14]
     assert "num-examples" in reasons[15]
+    assert reasons[17].startswith(f"expected one array named {KEY}, got 2")
+    assert reasons[18].startswith(f"{KEY} is not a safetensors file")
     assert report.failed == [{"node-id": 16, "reason": "CUDA out of memory"}]
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    for node in (12, 13, 14, 15):
+    for node in (12, 13, 14, 15, 17, 18):
         assert f"Round 3: rejected the update of node {node}" in logged
 
 
@@ -106,3 +114,23 @@ def test_round_without_a_good_update_keeps_the_global_adapter():
     assert arrays is None and metrics is None
     assert reports[0].arrays is strategy.current and reports[0].clients == []
     assert np.isfinite(strategy.current[KEYS[1]].numpy()).all()
+
+
+def test_the_global_adapter_travels_as_one_packed_array():
+    """Flower moves each Array as its own object: one file keeps a round's transfers few."""
+    strategy, _ = make_strategy()
+    sent = ArrayRecord(adapter(5))
+
+    class Nodes:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    (message, *_) = strategy.configure_train(1, sent, ConfigRecord(), Nodes())
+    assert list(message.content["arrays"]) == [KEY]
+    got = unpack(message.content["arrays"])
+    for key, tensor in adapter(5).items():
+        np.testing.assert_array_equal(got[key], tensor.numpy())
+    assert strategy.current is sent
