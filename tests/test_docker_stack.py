@@ -16,6 +16,7 @@ from deploy.backends.docker import LABEL
 from deploy.compose import PROJECT
 from deploy.flwr_cli import FlwrCli
 from tests.conftest import ROOT, assert_adapter_trained
+from tests.test_docker_compose_up import toml_value
 
 BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
 
@@ -30,7 +31,9 @@ def stack(demo, tmp_path_factory):
     env = {**os.environ, "FLWR_HOME": str(workdir / "flwr-home")}
     client = docker.from_env()
     canary = client.volumes.create("unrelated-volume")  # `down` must leave what it did not create
-    layout = ["--gpus", "", "--dir", str(workdir), "--volume", f"{demo.model_dir.parent}:/demo:ro"]
+    overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json"}
+    run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())  # the trainers load this model
+    layout = ["--gpus", "", "--dir", str(workdir), "--volume", f"{demo.model_dir.parent}:/demo:ro", "--run-config", run_config]
     up = deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", BASE_IMAGE, env=env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -54,6 +57,7 @@ def test_status_shows_every_service_running(stack):
     lines = status.stdout.splitlines()[1:]
     states = {line.split()[0]: line.split()[1:] for line in lines}
     assert states["superlink"] == ["running", "healthy"]
+    assert states["trainer-cpu"][0] == "running"
     for one_shot in ("setup", "register-nodes", "model-fetch"):
         assert states[one_shot][0] == "exited", one_shot
     logs = deploy("logs", "register-nodes", "--gpus", "", "--dir", str(workdir), env=env)
@@ -82,4 +86,7 @@ def test_two_rounds_over_tls(stack, demo, use_flexlora, tmp_path):
     (run_dir,) = set((workdir / "results").glob("*-run*")) - before
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["clients"]) for r in rounds] == [2, 2]
+    # The trainer-cpu container served every training and loaded the model once.
+    clients = [c for r in rounds for c in r["clients"]]
+    assert {c["trainer-model-loads"] for c in clients} == {1} and len({c["trainer-pid"] for c in clients}) == 1
     assert_adapter_trained(demo, run_dir, final_round=2)
