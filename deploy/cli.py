@@ -82,10 +82,9 @@ def _stack_config(args: argparse.Namespace) -> tuple[dict, AppConfig]:
 def _topology(args: argparse.Namespace) -> Topology:
     """Paths in a stack's run config are the containers' (e.g. /demo/model): only the
     layout's own settings are read here, the app checks the rest where it runs."""
-    _, config = resolve_run_config(args.app, {})
     overrides = parse_config_args([args.run_config] if args.run_config else None)
-    if "train.max-trainings-per-gpu" in overrides:
-        config = AppConfig.from_run_config({**default_run_config(args.app), **overrides, "model.name": config.model.name})
+    layout = {k: v for k, v in overrides.items() if k == "train.max-trainings-per-gpu"}
+    _, config = resolve_run_config(args.app, layout)
     return _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)
 
 
