@@ -12,13 +12,18 @@ core R1 R2^T, which is exact and costs O((out + in) K r) memory instead of O(out
 The QR and the core run in float64: in float32 on an H100 the result was 7e-4
 (relative) away from the dense one, and float64 on factors this thin costs little.
 
-Split of the singular values between B and A: the FlowerTune benchmark strategy the
-`use_flexlora` leaderboard submissions use (yan-gao-GY/flowertune-benchmark,
-medical/flowertune_medical/strategy.py, `FlexLoraLlm.distribute_weight_fast`) and the
-FlexLoRA-style reference code put all of S into B (B = U_r S_r, A = V_r^T). We give each
-factor sqrt(S_r), the split our notes take from the paper: B A, the only thing the
-model uses, is the same either way, and balanced factors (B^T B = A A^T = S_r) treat
-B and A alike instead of pairing an orthonormal A with a B that carries every scale.
+Split of the singular values between B and A (`FLEXLORA_SPLITS`): B A is the same either way, but
+the next round starts from these factors, and under Adam the step of B A depends on
+their magnitudes, so the split changes what round k+1 learns. "reference" puts all of S
+into B (B = U_r S_r, A = V_r^T), as the FlexLoRA reference code and the FlowerTune
+benchmark strategy of the `use_flexlora` leaderboard submissions do
+(yan-gao-GY/flowertune-benchmark, `FlexLoraLlm.distribute_weight_fast`): the default,
+so that our FlexLoRA reproduces the seed's. "balanced" gives each factor sqrt(S_r)
+(B^T B = A A^T = S_r); bench/results/flexlora_split/ compares the two.
+
+FedAvg lives here too, although Flower ships one: ours accumulates in float64 (the
+result does not depend on the clients' order), keeps each tensor's dtype and names the
+keys a client disagrees on, and both aggregations then share one set of checks.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["weighted_average", "flexlora"]
+from app.config import FLEXLORA_SPLITS
+
+__all__ = ["fedavg", "flexlora"]
 
 _LORA_A = ".lora_A."
 _LORA_B = ".lora_B."
@@ -89,7 +96,7 @@ def _average_tensors(
     return acc.to(tensors[0].dtype)
 
 
-def weighted_average(
+def fedavg(
     states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
     """FedAvg: sum_k p_k t_k with p_k = w_k / sum(w), key by key.
@@ -143,6 +150,7 @@ def _flexlora_pair(
     b_list: Sequence[torch.Tensor],
     probs: Sequence[float],
     rank: int,
+    split: str,
     name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-`rank` factors of sum_k p_k B_k A_k, computed from the factors alone."""
@@ -156,10 +164,17 @@ def _flexlora_pair(
                 f"{name}: client {k} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"not (r x {in_dim}) and ({out_dim} x r)"
             )
+        if a.shape[0] != a0.shape[0]:
+            # PEFT applies (alpha / r_k) B_k A_k, so mixing ranks would need each product
+            # scaled by its own alpha / r_k; nothing in a deployment of one run config
+            # can produce mixed ranks, so they are refused instead of silently mis-weighted.
+            raise ValueError(
+                f"{name}: client {k} has LoRA rank {a.shape[0]}, client 0 has {a0.shape[0]}: "
+                "mixed ranks are not supported (PEFT scales each client's B A by alpha / r)"
+            )
 
     f64 = torch.float64
     device = b0.device
-    # Clients may use different ranks (FlexLoRA's point): stacking needs no extra case.
     b_stack = torch.cat([b.to(device=device, dtype=f64) * p for b, p in zip(b_list, probs)], dim=1)
     a_stack_t = torch.cat([a.to(device=device, dtype=f64) for a in a_list], dim=0).T
 
@@ -170,9 +185,10 @@ def _flexlora_pair(
     u, s, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
 
     kept = min(rank, s.shape[0])
-    root = s[:kept].sqrt()
-    b_new = q1 @ (u[:, :kept] * root)
-    a_new = (root.unsqueeze(1) * vh[:kept]) @ q2.T
+    b_scale = s[:kept] if split == "reference" else s[:kept].sqrt()
+    a_scale = torch.ones_like(b_scale) if split == "reference" else b_scale
+    b_new = q1 @ (u[:, :kept] * b_scale)
+    a_new = (a_scale.unsqueeze(1) * vh[:kept]) @ q2.T
     b_new, a_new = _canonical_signs(b_new, a_new)
 
     if kept < rank:
@@ -183,7 +199,10 @@ def _flexlora_pair(
 
 
 def flexlora(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], rank: int
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    rank: int,
+    split: str = "reference",
 ) -> dict[str, torch.Tensor]:
     """FlexLoRA aggregation of PEFT LoRA state dicts.
 
@@ -196,6 +215,8 @@ def flexlora(
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if split not in FLEXLORA_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(FLEXLORA_SPLITS)}, got {split!r}")
     probs = _normalised_weights(weights, len(states))
     keys = _check_same_keys(states)
     pairs = _lora_pairs(keys)
@@ -206,7 +227,7 @@ def flexlora(
         if key in pairs:
             b_key = pairs[key]
             a_new, b_new = _flexlora_pair(
-                [s[key] for s in states], [s[b_key] for s in states], probs, rank, key
+                [s[key] for s in states], [s[b_key] for s in states], probs, rank, split, key
             )
             result[key] = a_new
             result[b_key] = b_new

@@ -7,18 +7,67 @@ the value and what is allowed; not twenty minutes later inside a training step.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 QUANTIZATION_BITS = (0, 4, 8)
+# bitsandbytes' 4-bit kinds: the FlowerTune template's `BitsAndBytesConfig(load_in_4bit=True)` is fp4.
+QUANTIZATION_TYPES = ("fp4", "nf4")
 # Gemma2's logit soft-capping is exact in both; eager is faster with two trainings per GPU.
 ATTENTION = ("eager", "flex_attention")
+# How FlexLoRA shares the singular values between B and A (see app.aggregation).
+FLEXLORA_SPLITS = ("reference", "balanced")
 
 
 class ConfigError(ValueError):
     """A setting has a value the app cannot run with; the message is one line."""
+
+
+# Our earlier names and the FlowerTune template's keys this app has no use for, each with
+# what to write instead: a FlowerTune user's pyproject or --run-config fails on its first
+# such key with a line that says where the setting went.
+RENAMED = {
+    "model.lora.r": "model.lora.peft-lora-r",
+    "model.lora.alpha": "model.lora.peft-lora-alpha",
+    "model.lora.dropout": "model.lora.peft-lora-dropout",
+    "model.lora.target-modules": "model.lora.peft-lora-target-modules",
+    "train.batch-size": "train.training-arguments.per-device-train-batch-size",
+    "train.gradient-accumulation-steps": "train.training-arguments.gradient-accumulation-steps",
+    "train.logging-steps": "train.training-arguments.logging-steps",
+    "train.max-steps": "train.training-arguments.max-steps",
+    "strategy.fraction-train": "static.strategy.fraction-train (a static leaderboard setting)",
+}
+TEMPLATE_ONLY = {
+    "train.training-arguments.num-train-epochs": "training stops after train.training-arguments.max-steps",
+    "train.training-arguments.learning-rate": "the round's rate follows train.learning-rate-max/-min",
+    "train.training-arguments.lr-scheduler-type": "the rate is constant in a round and cosine across rounds",
+    "train.training-arguments.gradient-checkpointing": "use model.gradient-checkpointing",
+    "train.training-arguments.output-dir": "use results.dir",
+    "train.training-arguments.save-steps": "the server saves the adapter every train.save-every-round rounds",
+    "train.training-arguments.save-total-limit": "the server saves the adapter every train.save-every-round rounds",
+    "strategy.fraction-evaluate": "there is no federated evaluation; use `deploy eval` on a saved adapter",
+}
+
+
+def check_keys(run_config: Mapping[str, Any], known: set[str]) -> None:
+    """Fails on the first key the app does not read, with the closest known name."""
+    for key in sorted(set(run_config) - known):
+        if key in RENAMED:
+            hint = f"renamed to {RENAMED[key]}"
+        elif key in TEMPLATE_ONLY:
+            hint = f"not a setting here: {TEMPLATE_ONLY[key]}"
+        else:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see [tool.flwr.app.config] in pyproject.toml"
+        raise ConfigError(f"{key}: not a setting of this app; {hint}")
+
+
+def is_local_path(name: str) -> bool:
+    """A local folder is named by a path; a hub id is `org/name` and never starts so."""
+    return name.startswith(("/", "./", "../", "~"))
 
 
 @dataclass(frozen=True)
@@ -36,20 +85,24 @@ class ModelSettings:
     gradient_checkpointing: bool | None  # None: "auto", decided where the GPU is known
     lora: LoraSettings
     attention: str = "eager"
+    quantization_type: str = "fp4"
+    double_quantization: bool = False
 
     def describe(self) -> str:
         """One line that tells two settings apart, for refusals and logs."""
         checkpointing = "auto" if self.gradient_checkpointing is None else str(self.gradient_checkpointing).lower()
         lora = self.lora
+        bits = f"{self.quantization}-bit" if self.quantization else "16-bit"
+        if self.quantization == 4:
+            bits = f"4-bit {self.quantization_type}{' double-quant' if self.double_quantization else ''}"
         return (
-            f"{self.name} {self.quantization or 16}-bit, LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} "
+            f"{self.name} {bits}, LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} "
             f"on {','.join(lora.target_modules)}, checkpointing={checkpointing}, attention={self.attention}"
         )
 
     @property
     def is_local(self) -> bool:
-        """A local folder is named by a path; a hub id is `org/name` and never starts so."""
-        return self.name.startswith(("/", "./", "../", "~"))
+        return is_local_path(self.name)
 
 
 @dataclass(frozen=True)
@@ -64,6 +117,14 @@ class TrainSettings:
     save_every_round: int
     seed: int
     max_trainings_per_gpu: int
+    # FlowerTune examples' `train.dynamic-data-seed`: data_seed = seed + round - 1, so a node
+    # sampled again does not start from the same rows; off, as the seed ran.
+    dynamic_data_seed: bool = False
+    # The template pads with EOS and masks padding, so EOS is never learned; True appends it.
+    learn_eos: bool = False
+
+    def data_seed(self, server_round: int) -> int:
+        return self.seed + server_round - 1 if self.dynamic_data_seed else self.seed
 
 
 @dataclass(frozen=True)
@@ -71,6 +132,9 @@ class DatasetSettings:
     name: str
     num_partitions: int
     data_files: tuple[str, ...]
+    # The General NLP template keeps `instruction` and `response` only; True appends a
+    # non-empty `input` to the instruction, as the template's finance and code tasks do.
+    append_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +142,7 @@ class StrategySettings:
     num_rounds: int
     fraction_train: float
     use_flexlora: bool
+    flexlora_split: str = "reference"
 
     def nodes_per_round(self, num_nodes: int) -> int:
         """Flower's FedAvg samples int(fraction * available); never fewer than one."""
@@ -95,30 +160,35 @@ class AppConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
         get = _Reader(run_config)
-        targets = tuple(t.strip() for t in get("model.lora.target-modules", str).split(",") if t.strip())
+        targets = tuple(t.strip() for t in get("model.lora.peft-lora-target-modules", str).split(",") if t.strip())
         if not targets:
-            raise ConfigError("model.lora.target-modules = '': name at least one module, e.g. 'q_proj,v_proj'")
+            raise ConfigError("model.lora.peft-lora-target-modules = '': name at least one module, e.g. 'q_proj,v_proj'")
         model = ModelSettings(
             name=get("model.name", str, lambda v: bool(v.strip()), "a hub id or a local folder"),
             quantization=get("model.quantization", int, lambda v: v in QUANTIZATION_BITS, "one of 0, 4, 8"),
             gradient_checkpointing=_checkpointing(get("model.gradient-checkpointing", object)),
             lora=LoraSettings(
-                r=get("model.lora.r", int, _positive, "an integer > 0"),
-                alpha=get("model.lora.alpha", int, _positive, "an integer > 0"),
-                dropout=get("model.lora.dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                r=get("model.lora.peft-lora-r", int, _positive, "an integer > 0"),
+                alpha=get("model.lora.peft-lora-alpha", int, _positive, "an integer > 0"),
+                dropout=get("model.lora.peft-lora-dropout", float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
                 target_modules=targets,
             ),
             attention=get("model.attention", str, lambda v: v in ATTENTION, "one of " + ", ".join(ATTENTION)),
+            quantization_type=get(
+                "model.quantization-type", str, lambda v: v in QUANTIZATION_TYPES, "one of " + ", ".join(QUANTIZATION_TYPES)
+            ),
+            double_quantization=get("model.double-quantization", bool, allowed="true or false"),
         )
         if model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
             raise ConfigError(f"model.name = {model.name!r}: no such local model folder (expected a config.json in it)")
         lr_max = get("train.learning-rate-max", float, _positive, "a number > 0")
+        args = "train.training-arguments."
         train = TrainSettings(
             seq_length=get("train.seq-length", int, _positive, "an integer > 0"),
-            batch_size=get("train.batch-size", int, _positive, "an integer > 0"),
-            gradient_accumulation_steps=get("train.gradient-accumulation-steps", int, _positive, "an integer > 0"),
-            logging_steps=get("train.logging-steps", int, _positive, "an integer > 0"),
-            max_steps=get("train.max-steps", int, _positive, "an integer > 0"),
+            batch_size=get(args + "per-device-train-batch-size", int, _positive, "an integer > 0"),
+            gradient_accumulation_steps=get(args + "gradient-accumulation-steps", int, _positive, "an integer > 0"),
+            logging_steps=get(args + "logging-steps", int, _positive, "an integer > 0"),
+            max_steps=get(args + "max-steps", int, _positive, "an integer > 0"),
             learning_rate_max=lr_max,
             learning_rate_min=get(
                 "train.learning-rate-min", float, lambda v: 0 <= v <= lr_max, f"a number in [0, {lr_max}]"
@@ -126,6 +196,8 @@ class AppConfig:
             save_every_round=get("train.save-every-round", int, _positive, "an integer > 0"),
             seed=get("train.seed", int),
             max_trainings_per_gpu=get("train.max-trainings-per-gpu", int, lambda v: v >= 0, "0 (auto) or an integer > 0"),
+            dynamic_data_seed=get("train.dynamic-data-seed", bool, allowed="true or false"),
+            learn_eos=get("train.learn-eos", bool, allowed="true or false"),
         )
         files = tuple(f.strip() for f in get("dataset.data-files", str).split(",") if f.strip())
         for f in files:
@@ -135,13 +207,19 @@ class AppConfig:
             name=get("static.dataset.name", str, lambda v: bool(v.strip()), "a hub dataset id"),
             num_partitions=get("static.dataset.num-partitions", int, _positive, "an integer > 0"),
             data_files=files,
+            append_input=get("dataset.append-input", bool, allowed="true or false"),
         )
         strategy = StrategySettings(
             num_rounds=get("num-server-rounds", int, _positive, "an integer > 0"),
             fraction_train=get("static.strategy.fraction-train", float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
             use_flexlora=get("strategy.use-flexlora", int, lambda v: v in (0, 1), "0 (FedAvg) or 1 (FlexLoRA)") == 1,
+            flexlora_split=get(
+                "strategy.flexlora-split", str, lambda v: v in FLEXLORA_SPLITS, "one of " + ", ".join(FLEXLORA_SPLITS)
+            ),
         )
-        return cls(model, train, dataset, strategy, Path(get("results.dir", str)).expanduser())
+        results_dir = Path(get("results.dir", str)).expanduser()
+        check_keys(run_config, get.read)
+        return cls(model, train, dataset, strategy, results_dir)
 
 
 @dataclass(frozen=True)
@@ -193,6 +271,7 @@ class _Reader:
     def __init__(self, config: Mapping[str, Any], source: str = "run config"):
         self._config = config
         self._source = source
+        self.read: set[str] = set()  # every key asked for: the app's known keys
 
     def __call__(
         self,
@@ -201,6 +280,7 @@ class _Reader:
         check: Callable[[Any], bool] = lambda _: True,
         allowed: str = "",
     ) -> Any:
+        self.read.add(key)
         if key not in self._config:
             raise ConfigError(f"{key}: missing from the {self._source}")
         value = self._config[key]

@@ -13,7 +13,7 @@ from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import IidPartitioner
 from transformers import PreTrainedTokenizerBase
 
-from app.config import DatasetSettings
+from app.config import DatasetSettings, TrainSettings
 
 # The FlowerTune LLM template's Alpaca prompt, so scores stay comparable on the leaderboard.
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -36,35 +36,63 @@ def load_partition(settings: DatasetSettings, partition_id: int, seed: int) -> D
     return federated_dataset(settings, seed).load_partition(partition_id, "train")
 
 
-def prompt_and_response(example: Mapping[str, str]) -> tuple[str, str]:
-    """Alpaca rows carry `instruction`, an optional `input` and `output`.
+def prompt_and_response(example: Mapping[str, str], append_input: bool) -> tuple[str, str]:
+    """The General NLP template's text: its Alpaca prompt and the row's `output`, unstripped.
 
-    The template appends a non-empty input to the instruction with a space; we do too.
+    The template keeps `instruction` and `response` only; with `append_input` a non-empty
+    `input` follows the instruction after a space, as its finance and code tasks do.
     """
-    instruction = example["instruction"].strip()
-    extra = (example.get("input") or "").strip()
-    if extra:
+    instruction = example["instruction"]
+    extra = example.get("input") or ""
+    if append_input and extra.strip():
         instruction = f"{instruction} {extra}"
-    return f"{PREAMBLE}\n### Instruction:\n{instruction}\n### Response: ", example["output"].strip()
+    return f"{PREAMBLE}\n### Instruction:\n{instruction}\n### Response: ", example["output"]
 
 
-def tokenize_example(example: Mapping[str, str], tokenizer: PreTrainedTokenizerBase, seq_length: int) -> dict:
-    """Prompt and response are tokenized apart, so the label mask falls exactly on the response."""
-    prompt, response = prompt_and_response(example)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def tokenize_example(
+    example: Mapping[str, str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_length: int,
+    learn_eos: bool,
+    append_input: bool,
+) -> dict:
+    """The whole text is tokenized once, as the model sees it at inference, and the loss
+    falls on the tokens that start after the template's "### Response:" tag.
+
+    Tokenizing prompt and response apart would end the prompt in a lone space token that a
+    SentencePiece tokenizer such as Gemma's never produces inside the whole text. Like the
+    template's completion-only collator, the learned part starts at the response tag, so
+    the space before the response belongs to its first token. BOS leads, as the template's
+    `add_special_tokens=True` gives Gemma; EOS is learned only with `learn_eos`.
+    """
+    prompt, response = prompt_and_response(example, append_input)
+    encoded = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+    response_start = len(prompt.rstrip())
+    input_ids = list(encoded["input_ids"])
+    labels = [tid if start >= response_start else IGNORE_INDEX for tid, (start, _) in zip(input_ids, encoded["offset_mapping"])]
+    if learn_eos:
+        input_ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
     if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    input_ids = (prompt_ids + response_ids)[:seq_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_length]
+        input_ids.insert(0, tokenizer.bos_token_id)
+        labels.insert(0, IGNORE_INDEX)
+    input_ids, labels = input_ids[:seq_length], labels[:seq_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
-def tokenize_partition(partition: Dataset, tokenizer: PreTrainedTokenizerBase, seq_length: int) -> Dataset:
-    """Rows whose prompt fills the whole window have nothing to learn from and are dropped."""
+def tokenize_partition(
+    partition: Dataset, tokenizer: PreTrainedTokenizerBase, train: TrainSettings, dataset: DatasetSettings
+) -> Dataset:
+    """Rows whose prompt fills the whole window have nothing to learn from and are dropped
+    (the template keeps them with every label masked: a batch slot that teaches nothing)."""
     tokenized = partition.map(
         tokenize_example,
-        fn_kwargs={"tokenizer": tokenizer, "seq_length": seq_length},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "seq_length": train.seq_length,
+            "learn_eos": train.learn_eos,
+            "append_input": dataset.append_input,
+        },
         remove_columns=partition.column_names,
     )
     return tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))

@@ -27,7 +27,7 @@ def train_in_process(
     start = time.perf_counter()
     partition = load_partition(config.dataset, node.partition_id, config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(partition, tokenizer, config.train.seq_length)
+    data = tokenize_partition(partition, tokenizer, config.train, config.dataset)
     # The round's sampled nodes may all land on this GPU.
     sampled = config.strategy.nodes_per_round(config.dataset.num_partitions)
     model_settings = resolve_checkpointing(config.model, config.train, sampled, visible_gpu_bytes())

@@ -35,15 +35,20 @@ def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _quantization(bits: int) -> BitsAndBytesConfig | None:
-    if bits == 4:
+def _quantization(settings: ModelSettings) -> BitsAndBytesConfig | None:
+    """The 4-bit kind and double quantization are settings (the template: fp4, none).
+
+    Compute runs in bf16, not in bitsandbytes' float32 default that the template gets:
+    see README's "Fidelity to FlowerTune".
+    """
+    if settings.quantization == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type=settings.quantization_type,
+            bnb_4bit_use_double_quant=settings.double_quantization,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    if bits == 8:
+    if settings.quantization == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
@@ -62,7 +67,7 @@ def build_model(settings: ModelSettings) -> PeftModel:
         raise RuntimeError(f"model.quantization = {settings.quantization} needs a CUDA GPU; use 0 on the CPU")
     model = AutoModelForCausalLM.from_pretrained(
         settings.name,
-        quantization_config=_quantization(settings.quantization),
+        quantization_config=_quantization(settings),
         dtype=torch.bfloat16 if on_gpu else torch.float32,
         device_map={"": 0} if on_gpu else None,
         attn_implementation=settings.attention,  # soft-capping is exact in both allowed kinds

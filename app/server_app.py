@@ -15,7 +15,7 @@ from app.checkpoint import RunRecorder, save_adapter
 from app.config import AppConfig
 from app.grid import PromptGrid
 from app.models import initial_adapter
-from app.strategy import LoraFedAvg
+from app.strategy import FedAvgOrFlexLora
 
 app = ServerApp()
 
@@ -29,9 +29,10 @@ def main(grid: Grid, context: Context) -> None:
     initial = initial_adapter(config.model, config.train.seed)
     save_adapter(initial, config.model, run_dir / "round-0")
     num_nodes = config.dataset.num_partitions
-    strategy = LoraFedAvg(
+    strategy = FedAvgOrFlexLora(
         use_flexlora=config.strategy.use_flexlora,
         lora_rank=config.model.lora.r,
+        flexlora_split=config.strategy.flexlora_split,
         on_round=recorder,
         fraction_train=config.strategy.fraction_train,
         min_train_nodes=config.strategy.nodes_per_round(num_nodes),

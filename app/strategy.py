@@ -18,9 +18,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from app.aggregation import flexlora
+from app.aggregation import fedavg, flexlora
 from app.wire import WireError, pack, unpack
 
 WEIGHT_KEY = "num-examples"
@@ -39,12 +38,15 @@ class RoundReport:
     aggregate_seconds: float = 0.0
 
 
-class LoraFedAvg(FedAvg):
+class FedAvgOrFlexLora(FedAvg):
+    """Flower's FedAvg round logic; the arithmetic is ours (`app.aggregation`), FedAvg or FlexLoRA."""
+
     def __init__(
         self,
         *,
         use_flexlora: bool,
         lora_rank: int,
+        flexlora_split: str,
         on_round: Callable[[RoundReport], None],
         **fedavg_args: Any,
     ) -> None:
@@ -53,6 +55,7 @@ class LoraFedAvg(FedAvg):
         )
         self.use_flexlora = use_flexlora
         self.lora_rank = lora_rank
+        self.flexlora_split = flexlora_split
         self.on_round = on_round
         # The global adapter the round's updates must match, set when the round is configured.
         self.current: ArrayRecord | None = None
@@ -122,7 +125,7 @@ class LoraFedAvg(FedAvg):
         assert self.current is not None, "configure_train always runs before aggregate_train"
         if set(arrays) != set(self.current):
             missing, extra = set(self.current) - set(arrays), set(arrays) - set(self.current)
-            return f"adapter keys differ ({len(missing)} missing, {len(extra)} unexpected)"
+            return f"adapter keys differ: missing {_some(missing)}, unexpected {_some(extra)}"
         for key in sorted(arrays):  # the first problem named is the same whatever the order sent
             array, expected = arrays[key], self.current[key]
             if array.shape != expected.shape or array.dtype != expected.dtype:
@@ -132,11 +135,11 @@ class LoraFedAvg(FedAvg):
         return None
 
     def _aggregate_arrays(self, contents: list[RecordDict]) -> ArrayRecord:
-        if not self.use_flexlora:
-            return aggregate_arrayrecords(contents, WEIGHT_KEY)
         states = [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
         weights = [float(_metrics_of(c)[WEIGHT_KEY]) for c in contents]
-        return ArrayRecord(flexlora(states, weights, self.lora_rank))
+        if not self.use_flexlora:
+            return ArrayRecord(fedavg(states, weights))
+        return ArrayRecord(flexlora(states, weights, self.lora_rank, self.flexlora_split))
 
 
 def summarize_round(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -152,6 +155,13 @@ def summarize_round(contents: list[RecordDict], weight_key: str) -> MetricRecord
             "peak-gpu-bytes": max(float(r["peak-gpu-bytes"]) for r in rows),
         }
     )
+
+
+def _some(keys: set[str], shown: int = 3) -> str:
+    """Names the first few keys, so a rejection says which adapter modules disagree."""
+    names = sorted(keys)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "none") + more
 
 
 def _metrics_of(content: RecordDict) -> dict[str, Any]:

@@ -29,40 +29,57 @@ class TrainResult:
     peak_gpu_bytes: int
 
 
+def build_trainer(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    settings: TrainSettings,
+    learning_rate: float,
+    server_round: int,
+    output_dir: str,
+) -> Trainer:
+    """A fresh Trainer (so a fresh optimizer) for one round; the rows come in the order of
+    `settings.data_seed(server_round)`, the same every round unless train.dynamic-data-seed."""
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        logging_steps=settings.logging_steps,
+        max_steps=settings.max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        bf16=on_gpu,
+        save_strategy="no",
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.data_seed(server_round),
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        dataloader_pin_memory=on_gpu,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+    )
+
+
 def train_adapter(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
     settings: TrainSettings,
     learning_rate: float,
+    server_round: int,
 ) -> TrainResult:
     """The round's learning rate stays constant inside the round; the cosine runs across rounds."""
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            logging_steps=settings.logging_steps,
-            max_steps=settings.max_steps,
-            learning_rate=learning_rate,
-            lr_scheduler_type="constant",
-            bf16=on_gpu,
-            save_strategy="no",
-            report_to=[],
-            seed=settings.seed,
-            include_num_input_tokens_seen="non_padding",
-            disable_tqdm=True,
-            dataloader_pin_memory=on_gpu,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        )
+        trainer = build_trainer(model, tokenizer, dataset, settings, learning_rate, server_round, scratch)
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
@@ -88,7 +105,7 @@ def train_round(
         server_round, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min
     )
     set_peft_model_state_dict(model, adapter)
-    result = train_adapter(model, tokenizer, dataset, config.train, learning_rate)
+    result = train_adapter(model, tokenizer, dataset, config.train, learning_rate, server_round)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
     metrics = {
         "train-loss": result.loss,

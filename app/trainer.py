@@ -58,7 +58,7 @@ class Trainer:
 
     def partition(self, config: AppConfig, partition_id: int) -> tuple[int, Any]:
         """(rows, tokenized rows); the least recently used partition leaves a full cache."""
-        key = (config.dataset, config.train.seed, config.train.seq_length, partition_id)
+        key = (config.dataset, config.train.seed, config.train.seq_length, config.train.learn_eos, partition_id)
         if key in self._partitions:
             self._partitions.move_to_end(key)
             return self._partitions[key]
@@ -66,7 +66,7 @@ class Trainer:
         if split not in self._datasets:
             self._datasets = {split: federated_dataset(config.dataset, config.train.seed)}
         rows = self._datasets[split].load_partition(partition_id, "train")
-        self._partitions[key] = (len(rows), tokenize_partition(rows, self.tokenizer, config.train.seq_length))
+        self._partitions[key] = (len(rows), tokenize_partition(rows, self.tokenizer, config.train, config.dataset))
         self.partition_loads += 1
         while len(self._partitions) > self.spec.cache_partitions:
             self._partitions.popitem(last=False)

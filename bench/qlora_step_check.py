@@ -44,7 +44,7 @@ def build_template(settings, torch):
     on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         settings.name,
-        quantization_config=_quantization(settings.quantization),
+        quantization_config=_quantization(settings),
         dtype=torch.bfloat16 if on_gpu else torch.float32,
         device_map={"": 0} if on_gpu else None,
         attn_implementation="eager",  # same attention as ours, so only the preparation differs

@@ -17,7 +17,7 @@ use_gradient_checkpointing=True)`, LoRA r=8 alpha=16 dropout 0.05 on q_proj,v_pr
 global adapter; "train": Trainer with the template's arguments (batch 2, accumulation 4,
 --max-steps, logging every step, constant learning rate from the cross-round cosine,
 gradient checkpointing, bf16 on the GPU); then the adapter out to the CPU in float32 and
-the model freed. Then FedAvg (`app.aggregation.weighted_average`) or dense FlexLoRA (every
+the model freed. Then FedAvg (`app.aggregation.fedavg`) or dense FlexLoRA (every
 B_k A_k formed on the GPU in float32, weighted sum, full SVD, B = U_r S_r, A = V_r^T, as
 the FlowerTune benchmark's `FlexLoraLlm.distribute_weight_fast`), and the server's save
 when round % --save-every == 0. The save is also timed once after the last round, so the
@@ -66,8 +66,8 @@ LIBRARY_IMPORT_SECONDS = time.perf_counter() - _start
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _start = time.perf_counter()
-from app.aggregation import weighted_average  # noqa: E402
-from app.config import DatasetSettings, LoraSettings, ModelSettings  # noqa: E402
+from app.aggregation import fedavg  # noqa: E402
+from app.config import DatasetSettings, LoraSettings, ModelSettings, TrainSettings  # noqa: E402
 from app.dataset import IGNORE_INDEX, load_partition, tokenize_partition  # noqa: E402
 from app.models import initial_adapter, load_tokenizer  # noqa: E402
 from app.train import cosine_learning_rate  # noqa: E402
@@ -84,7 +84,16 @@ BATCH_SIZE = 2
 GRADIENT_ACCUMULATION = 4
 LEARNING_RATE_MAX = 5e-5
 LEARNING_RATE_MIN = 1e-6
-LORA = LoraSettings(r=8, alpha=16, dropout=0.05, target_modules=("q_proj", "v_proj"))
+LORA = LoraSettings(r=8, alpha=16, dropout=0.075, target_modules=("q_proj", "v_proj"))
+
+
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The seed's: no EOS learned, one data order (the template's defaults)."""
+    return TrainSettings(
+        seq_length=args.seq_length, batch_size=BATCH_SIZE, gradient_accumulation_steps=GRADIENT_ACCUMULATION,
+        logging_steps=1, max_steps=args.max_steps, learning_rate_max=LEARNING_RATE_MAX,
+        learning_rate_min=LEARNING_RATE_MIN, save_every_round=5, seed=args.seed, max_trainings_per_gpu=0,
+    )
 
 
 def synchronize() -> None:
@@ -107,7 +116,7 @@ def run_client(
     start = time.perf_counter()
     partition = load_partition(dataset_settings, partition_id, args.seed)
     tokenizer = load_tokenizer(model_settings)
-    rows = tokenize_partition(partition, tokenizer, args.seq_length)
+    rows = tokenize_partition(partition, tokenizer, train_settings(args), dataset_settings)
     model = build_template(model_settings, torch)
     set_peft_model_state_dict(model, global_state)
     synchronize()
@@ -257,7 +266,7 @@ def main() -> None:
         if args.flexlora:
             global_state = dense_flexlora(states, sizes, LORA.r, aggregation_device)
         else:
-            global_state = weighted_average(states, sizes)
+            global_state = fedavg(states, sizes)
         synchronize()
         aggregate_seconds = time.perf_counter() - start
         save_seconds = save_checkpoint(model_settings, global_state) if server_round % args.save_every == 0 else 0.0

@@ -31,8 +31,8 @@ class DemoAssets:
             "model.gradient-checkpointing": False,
             "dataset.data-files": str(self.data_file),
             "train.seq-length": 128,
-            "train.max-steps": 2,
-            "train.gradient-accumulation-steps": 1,
+            "train.training-arguments.max-steps": 2,
+            "train.training-arguments.gradient-accumulation-steps": 1,
         }
 
 
@@ -65,27 +65,40 @@ def build_demo(folder: Path, rows: int = 400, seed: int = 0) -> DemoAssets:
     return assets
 
 
+def gemma_like_tokenizer(corpus: list[str], vocab_size: int = 384):
+    """A SentencePiece-style BPE built offline, with Gemma's rules: spaces become "▁" and
+    stick to the word after them (no dummy prefix), unknown characters fall back to bytes.
+    Under these rules a prompt ending in a space tokenizes differently alone than inside
+    the whole text, which is what `app.dataset.tokenize_example` must get right."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(byte_tokens), special_tokens=specials + byte_tokens)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
 def _write_tiny_model(model_dir: Path, data_file: Path, seed: int) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
 
     from app.dataset import prompt_and_response
 
-    corpus = [" ".join(prompt_and_response(row)) for row in json.loads(data_file.read_text())]
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=384, special_tokens=specials))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
+    corpus = ["".join(prompt_and_response(row, append_input=True)) for row in json.loads(data_file.read_text())]
+    tokenizer = gemma_like_tokenizer(corpus)
     tokenizer.save_pretrained(model_dir)
 
     torch.manual_seed(seed)
     config = Gemma2Config(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from flwr.common.config import flatten_dict
 
-from app.config import AppConfig, ConfigError
+from app.config import AppConfig, is_local_path
 
 
 def default_run_config(app_dir: Path) -> dict[str, Any]:
@@ -28,9 +28,6 @@ def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dic
     local paths are resolved against the app folder here, once.
     """
     defaults = default_run_config(app_dir)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: not a run config key (see [tool.flwr.app.config] in pyproject.toml)")
     sent = dict(overrides)
     merged = {**defaults, **sent}
 
@@ -38,7 +35,7 @@ def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dic
         return str((app_dir / Path(path).expanduser()).resolve())
 
     sent["results.dir"] = absolute(str(merged["results.dir"]))
-    if str(merged["model.name"]).startswith(("./", "../", "~")):
+    if is_local_path(str(merged["model.name"])):
         sent["model.name"] = absolute(str(merged["model.name"]))
     if merged["dataset.data-files"]:
         sent["dataset.data-files"] = ",".join(absolute(f.strip()) for f in str(merged["dataset.data-files"]).split(","))

@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from app.aggregation import flexlora, weighted_average
+from app.aggregation import flexlora, fedavg
 
 PREFIX = "base_model.model.model.layers.{layer}.self_attn.{proj}"
 
@@ -79,64 +79,64 @@ def product(out: dict[str, torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- FedAvg
 
 
-def test_weighted_average_uses_example_count_proportions():
+def test_fedavg_uses_example_count_proportions():
     states = [
         {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([[0.0, 4.0]])},
         {"x": torch.tensor([5.0, 6.0]), "y": torch.tensor([[8.0, 0.0]])},
     ]
-    out = weighted_average(states, [100, 300])  # p = 0.25, 0.75
+    out = fedavg(states, [100, 300])  # p = 0.25, 0.75
     assert torch.equal(out["x"], torch.tensor([4.0, 5.0]))
     assert torch.equal(out["y"], torch.tensor([[6.0, 1.0]]))
     assert list(out) == ["x", "y"]
 
 
-def test_weighted_average_three_clients_exact():
+def test_fedavg_three_clients_exact():
     states = [{"w": torch.tensor([float(v)])} for v in (1, 2, 4)]
     # p = 1/8, 3/8, 4/8 -> 1/8 + 6/8 + 16/8 = 23/8
-    out = weighted_average(states, [1, 3, 4])
+    out = fedavg(states, [1, 3, 4])
     assert out["w"].item() == 23 / 8
 
 
-def test_weighted_average_is_scale_invariant_in_weights():
+def test_fedavg_is_scale_invariant_in_weights():
     states = make_states(3, 16, 12, 4, seed=3)
-    a = weighted_average(states, [1, 2, 3])
-    b = weighted_average(states, [10, 20, 30])
+    a = fedavg(states, [1, 2, 3])
+    b = fedavg(states, [10, 20, 30])
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_weighted_average_keeps_dtype(dtype):
+def test_fedavg_keeps_dtype(dtype):
     states = [{"w": torch.full((3,), 1.0, dtype=dtype)}, {"w": torch.full((3,), 3.0, dtype=dtype)}]
-    out = weighted_average(states, [1, 1])
+    out = fedavg(states, [1, 1])
     assert out["w"].dtype == dtype
     assert torch.equal(out["w"], torch.full((3,), 2.0, dtype=dtype))
 
 
-def test_weighted_average_mismatched_keys_name_the_keys():
+def test_fedavg_mismatched_keys_name_the_keys():
     states = [{"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.zeros(1), "c": torch.zeros(1)}]
     with pytest.raises(ValueError, match=r"missing \['b'\].*unexpected \['c'\]"):
-        weighted_average(states, [1, 1])
+        fedavg(states, [1, 1])
 
 
-def test_weighted_average_mismatched_shapes_raise():
+def test_fedavg_mismatched_shapes_raise():
     states = [{"a": torch.zeros(2)}, {"a": torch.zeros(3)}]
     with pytest.raises(ValueError, match="'a'"):
-        weighted_average(states, [1, 1])
+        fedavg(states, [1, 1])
 
 
 @pytest.mark.parametrize("bad", [0, -1, -0.5, math.nan, math.inf])
-def test_weighted_average_rejects_non_positive_weights(bad):
+def test_fedavg_rejects_non_positive_weights(bad):
     states = [{"a": torch.zeros(1)}, {"a": torch.ones(1)}]
     with pytest.raises(ValueError, match="positive"):
-        weighted_average(states, [1, bad])
+        fedavg(states, [1, bad])
 
 
-def test_weighted_average_rejects_wrong_weight_count_and_empty():
+def test_fedavg_rejects_wrong_weight_count_and_empty():
     with pytest.raises(ValueError):
-        weighted_average([{"a": torch.zeros(1)}], [1, 2])
+        fedavg([{"a": torch.zeros(1)}], [1, 2])
     with pytest.raises(ValueError):
-        weighted_average([], [])
+        fedavg([], [])
 
 
 # --------------------------------------------------------------------------- FlexLoRA
@@ -223,31 +223,57 @@ def test_flexlora_all_zero_update_gives_zero_factors():
     states = make_states(2, 16, 12, 4, seed=0)
     for s in states:
         s[b_key()].zero_()
+    balanced = flexlora(states, [1, 1], rank=4, split="balanced")
+    assert torch.count_nonzero(balanced[b_key()]) == 0
+    assert torch.count_nonzero(balanced[a_key()]) == 0
+    # The reference split keeps A = V^T orthonormal whatever S is, like PEFT's B = 0 start.
     out = flexlora(states, [1, 1], rank=4)
     assert torch.count_nonzero(out[b_key()]) == 0
-    assert torch.count_nonzero(out[a_key()]) == 0
+    torch.testing.assert_close(out[a_key()] @ out[a_key()].T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
     assert out[b_key()].shape == (16, 4) and out[a_key()].shape == (4, 12)
 
 
-def test_flexlora_heterogeneous_client_ranks():
+def test_flexlora_refuses_mixed_client_ranks():
+    # PEFT scales each client's B A by alpha / r_k: stacking mixed ranks unscaled would mis-weight them.
     states = make_states(3, 60, 40, 8, seed=6, ranks=[2, 4, 8])
-    weights = example_counts(3)
-    out = flexlora(states, weights, rank=8)
-    ref, _ = dense_truncation(dense_delta(states, weights), 8)
-    assert rel_err(product(out), ref) <= 1e-6
+    with pytest.raises(ValueError, match="client 1 has LoRA rank 4, client 0 has 2: mixed ranks are not supported"):
+        flexlora(states, example_counts(3), rank=8)
 
 
 @pytest.mark.parametrize("n_clients", [1, 2, 20])
-def test_flexlora_splits_singular_values_symmetrically(n_clients):
+def test_flexlora_balanced_split_gives_each_factor_root_s(n_clients):
     r = 8
     states = make_states(n_clients, 96, 64, r, seed=n_clients)
     weights = example_counts(n_clients)
-    out = flexlora(states, weights, rank=r)
+    out = flexlora(states, weights, rank=r, split="balanced")
     b, a = out[b_key()], out[a_key()]
     _, s_ref = dense_truncation(dense_delta(states, weights), r)
     scale = s_ref[0].item()
     torch.testing.assert_close(b.T @ b, torch.diag(s_ref), rtol=0, atol=1e-9 * scale)
     torch.testing.assert_close(a @ a.T, torch.diag(s_ref), rtol=0, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("n_clients", [1, 2, 20])
+def test_flexlora_reference_split_puts_s_into_b(n_clients):
+    """The reference code's B = U_r S_r, A = V_r^T: A orthonormal rows, B^T B = S^2."""
+    r = 8
+    states = make_states(n_clients, 96, 64, r, seed=n_clients)
+    weights = example_counts(n_clients)
+    out = flexlora(states, weights, rank=r)  # the default split
+    b, a = out[b_key()], out[a_key()]
+    ref, s_ref = dense_truncation(dense_delta(states, weights), r)
+    scale = s_ref[0].item()
+    torch.testing.assert_close(a @ a.T, torch.eye(r, dtype=a.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(b.T @ b, torch.diag(s_ref**2), rtol=0, atol=1e-9 * scale**2)
+    assert rel_err(product(out), ref) <= 1e-6
+    balanced = flexlora(states, weights, rank=r, split="balanced")
+    assert rel_err(product(balanced), product(out)) <= 1e-10
+
+
+def test_flexlora_rejects_unknown_split():
+    states = make_states(2, 16, 12, 4, seed=0)
+    with pytest.raises(ValueError, match="split must be one of reference, balanced, got 'sqrt'"):
+        flexlora(states, [1, 1], rank=4, split="sqrt")
 
 
 def test_flexlora_sign_convention_is_deterministic():
@@ -280,10 +306,10 @@ def test_flexlora_output_shapes_and_dtypes(dtype):
         assert tensor.dtype == dtype, key
         assert tensor.shape == states[0][key].shape, key
     # Non-LoRA keys are plain FedAvg.
-    fedavg = weighted_average(
+    averaged = fedavg(
         [{k: v for k, v in s.items() if "lora_" not in k} for s in states], weights
     )
-    for key, tensor in fedavg.items():
+    for key, tensor in averaged.items():
         assert torch.equal(out[key], tensor), key
     if dtype == torch.bfloat16:
         ref, _ = dense_truncation(dense_delta(states, weights), 8)

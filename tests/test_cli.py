@@ -26,9 +26,10 @@ def test_plan_prints_node_partition_host_gpu_trainer():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--run-config", "model.lora.r=-1"], "error: model.lora.r = -1: must be an integer > 0"),
+        (["--run-config", "model.lora.peft-lora-r=-1"], "error: model.lora.peft-lora-r = -1: must be an integer > 0"),
+        (["--run-config", "model.lora.r=8"], "error: model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r"),
         (["--run-config", "model.quantization=3"], "error: model.quantization = 3: must be one of 0, 4, 8"),
-        (["--run-config", "no.such-key=1"], "error: no.such-key: not a run config key"),
+        (["--run-config", "no.such-key=1"], "error: no.such-key: not a setting of this app; see"),
         (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
     ],
 )

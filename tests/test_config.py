@@ -21,6 +21,47 @@ def test_pyproject_defaults_are_the_seed_job():
     assert (config.strategy.num_rounds, config.train.save_every_round, config.strategy.use_flexlora) == (10, 5, False)
     assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
     assert config.model.gradient_checkpointing is None and config.model.attention == "eager"  # None: auto
+    # The FlowerTune template's choices, so that the defaults train what the seed trained.
+    assert (config.model.quantization_type, config.model.double_quantization, config.model.lora.dropout) == ("fp4", False, 0.075)
+    assert (config.train.dynamic_data_seed, config.train.learn_eos, config.dataset.append_input) == (False, False, False)
+    assert config.strategy.flexlora_split == "reference"
+
+
+def test_template_key_names_are_canonical():
+    """A FlowerTune template user's keys for the settings it has are ours too."""
+    raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    from flwr.common.config import flatten_dict
+
+    keys = set(flatten_dict(raw))
+    template = {
+        "num-server-rounds", "model.name", "model.quantization", "model.gradient-checkpointing",
+        "model.lora.peft-lora-r", "model.lora.peft-lora-alpha", "train.save-every-round",
+        "train.learning-rate-max", "train.learning-rate-min", "train.seq-length",
+        "train.training-arguments.per-device-train-batch-size", "train.training-arguments.gradient-accumulation-steps",
+        "train.training-arguments.logging-steps", "train.training-arguments.max-steps",
+        "static.dataset.name", "static.strategy.fraction-train",
+    }
+    assert template <= keys
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("model.lora.r", "model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r"),
+        ("train.batch-size", "train.batch-size: not a setting of this app; renamed to train.training-arguments.per-device-train-batch-size"),
+        ("strategy.fraction-train", "strategy.fraction-train: not a setting of this app; renamed to static.strategy.fraction-train"),
+        ("train.seq-lenght", "train.seq-lenght: not a setting of this app; did you mean train.seq-length?"),
+        ("model.lora.peft-lora-rank", "model.lora.peft-lora-rank: not a setting of this app; did you mean model.lora.peft-lora-r?"),
+        ("train.training-arguments.num-train-epochs", "train.training-arguments.num-train-epochs: not a setting of this app; not a setting here: training stops after train.training-arguments.max-steps"),
+        ("zzz", "zzz: not a setting of this app; see [tool.flwr.app.config] in pyproject.toml"),
+    ],
+)
+def test_unknown_or_old_keys_say_what_to_write(run_config, key, message):
+    run_config[key] = 8
+    with pytest.raises(ConfigError) as err:
+        AppConfig.from_run_config(run_config)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("auto", None)])
@@ -37,8 +78,12 @@ def test_demo_config_is_valid(run_config):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("model.lora.r", -8, "model.lora.r = -8: must be an integer > 0"),
-        ("model.lora.r", 8.5, "model.lora.r = 8.5: must be an integer > 0"),
+        ("model.lora.peft-lora-r", -8, "model.lora.peft-lora-r = -8: must be an integer > 0"),
+        ("model.lora.peft-lora-r", 8.5, "model.lora.peft-lora-r = 8.5: must be an integer > 0"),
+        ("model.quantization-type", "int4", "model.quantization-type = 'int4': must be one of fp4, nf4"),
+        ("model.double-quantization", 1, "model.double-quantization = 1: must be true or false"),
+        ("train.dynamic-data-seed", "yes", "train.dynamic-data-seed = 'yes': must be true or false"),
+        ("strategy.flexlora-split", "sqrt", "strategy.flexlora-split = 'sqrt': must be one of reference, balanced"),
         ("static.strategy.fraction-train", 1.5, "static.strategy.fraction-train = 1.5: must be a number in (0, 1]"),
         ("static.strategy.fraction-train", 0.0, "static.strategy.fraction-train = 0.0: must be a number in (0, 1]"),
         ("model.quantization", 3, "model.quantization = 3: must be one of 0, 4, 8"),
@@ -61,8 +106,8 @@ def test_bad_values_name_key_value_and_allowed(run_config, key, value, message):
 
 
 def test_missing_key(run_config):
-    del run_config["train.max-steps"]
-    with pytest.raises(ConfigError, match=r"^train.max-steps: missing from the run config$"):
+    del run_config["train.training-arguments.max-steps"]
+    with pytest.raises(ConfigError, match=r"^train.training-arguments.max-steps: missing from the run config$"):
         AppConfig.from_run_config(run_config)
 
 

@@ -86,7 +86,7 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     log = deployment.workdir / "logs" / "trainer-cpu.log"
     killer = _kill_when(log, f"(pid {victim}): round 2, partition", victim)
     # Long enough a training (a few seconds) that the kill lands inside it.
-    run_dir, rounds = run(deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.max-steps": 40})
+    run_dir, rounds = run(deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.training-arguments.max-steps": 40})
     assert killer() is True
     assert [len(r["clients"]) + len(r["failed"]) for r in rounds] == [2, 2, 2]
     assert len(rounds[1]["failed"]) == 1 and "ended during the request" in rounds[1]["failed"][0]["reason"]

@@ -3,6 +3,7 @@
 import json
 import logging
 
+import pytest
 import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict
@@ -13,7 +14,7 @@ from app.config import AppConfig
 from app.dataset import load_partition, tokenize_partition
 from app.models import build_model, initial_adapter, load_tokenizer
 from app.strategy import RoundReport
-from app.train import cosine_learning_rate, train_adapter
+from app.train import build_trainer, cosine_learning_rate, train_adapter
 
 
 def test_server_adapter_matches_the_clients_in_keys_shapes_dtypes(run_config):
@@ -42,15 +43,29 @@ def test_generation_config_is_consistent_with_use_cache_off(run_config, tmp_path
 def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_config, caplog):
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train.seq_length)
+    data = tokenize_partition(load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset)
     with caplog.at_level(logging.WARNING):
         model = build_model(config.model)
         before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-        result = train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3)
+        result = train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3, server_round=1)
     after = get_peft_model_state_dict(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert result.tokens > 0 and result.loss > 0
     assert not [r for r in caplog.records if "cache_implementation" in r.getMessage()]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["fixed-seed", "dynamic-data-seed"])
+def test_a_node_sampled_again_sees_another_first_batch_only_with_dynamic_data_seed(run_config, tmp_path, dynamic):
+    run_config["train.dynamic-data-seed"] = dynamic
+    config = AppConfig.from_run_config(run_config)
+    tokenizer = load_tokenizer(config.model)
+    data = tokenize_partition(load_partition(config.dataset, 3, config.train.seed), tokenizer, config.train, config.dataset)
+    model = build_model(config.model)
+    first_batches = []
+    for server_round in (2, 7):  # a node sampled in two rounds, each a fresh Trainer as in production
+        trainer = build_trainer(model, tokenizer, data, config.train, 1e-3, server_round, str(tmp_path))
+        first_batches.append(next(iter(trainer.get_train_dataloader()))["input_ids"].tolist())
+    assert (first_batches[0] != first_batches[1]) is dynamic
 
 
 def test_cosine_schedule_runs_from_max_towards_min():
@@ -91,11 +106,11 @@ def test_gradient_checkpointing_still_trains_every_lora_factor(run_config):
     where PEFT does not do it for us, bench/results/reentrant_ab.txt checks the same.)"""
     config = AppConfig.from_run_config({**run_config, "model.gradient-checkpointing": True})
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train.seq_length)
+    data = tokenize_partition(load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset)
     model = build_model(config.model)
     assert model.base_model.model.is_gradient_checkpointing
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3)
+    train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3, server_round=1)
     after = get_peft_model_state_dict(model)
     unchanged = [k for k in before if "lora_B" in k and torch.equal(before[k], after[k])]
     assert unchanged == []
