@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import logging
 
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # one INFO line per aggregate_train otherwise
+    logging.getLogger("flwr").disabled = True  # one INFO line per aggregate_train otherwise
     default_threads = torch.get_num_threads()
     threads = [int(x) for x in args.threads.split(",") if x] or sorted({1, default_threads})
     busy = [int(x) for x in args.busy.split(",") if x]

@@ -23,6 +23,8 @@ Output: bench/results/template_step/<label>.json and .txt.
 from __future__ import annotations
 
 import argparse
+import inspect
+import shutil
 import json
 import string
 import subprocess
@@ -95,6 +97,11 @@ def losses(history: list[dict]) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
+def call(fn, **available):
+    """Call our function with the arguments its signature names (they change as the app does)."""
+    return fn(**{k: v for k, v in available.items() if k in inspect.signature(fn).parameters})
+
+
 def ours_step(config, rows, adapter, server_round):
     import app.train as train_mod
     from app.dataset import tokenize_partition
@@ -104,15 +111,17 @@ def ours_step(config, rows, adapter, server_round):
     class Recording(train_mod.Trainer):  # the same Trainer, its log history kept
         def train(self, *a, **k):
             out = super().train(*a, **k)
-            seen.append(self.state.log_history)
+            seen.append((self.state.log_history, str(self.args.optim)))
             return out
     train_mod.Trainer = Recording
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(rows, tokenizer, config.train.seq_length)
+    data = call(tokenize_partition, partition=rows, tokenizer=tokenizer, train=config.train,
+                dataset=config.dataset, seq_length=config.train.seq_length)
     model = build_model(config.model)
-    _, metrics = train_mod.train_round(model, tokenizer, data, config, server_round, adapter)
+    _, metrics = call(train_mod.train_round, model=model, tokenizer=tokenizer, dataset=data, config=config,
+                      server_round=server_round, adapter=adapter)
     attn = model.base_model.model.config._attn_implementation
-    return losses(seen[0]), metrics["learning-rate"], data, attn
+    return losses(seen[0][0]), metrics["learning-rate"], data, f"{attn}, optim {seen[0][1]}"
 
 
 def template_step(config, rows, adapter, server_round, tpl_config, work):
@@ -156,7 +165,7 @@ def template_step(config, rows, adapter, server_round, tpl_config, work):
     trainer = TemplateSFT(model=model, tokenizer=tokenizer, args=args, max_seq_length=config.train.seq_length,
                           train_dataset=trainset, formatting_func=formatting, data_collator=collator)
     trainer.train()
-    attn = model.base_model.model.config._attn_implementation
+    attn = f"{model.base_model.model.config._attn_implementation}, optim {args.optim}"
     settings = {**targs, **shared, **extra, "lora_dropout": model.peft_config["default"].lora_dropout,
                 "target_modules": sorted(model.peft_config["default"].target_modules),
                 "response_template_ids": collator.response_token_ids,
@@ -198,10 +207,9 @@ def main() -> None:
     from app.models import initial_adapter
     from deploy.demo import build_demo
     torch.set_num_threads(2)
-    fresh = not (args.work / "demo/tiny-gemma2/config.json").is_file()
+    shutil.rmtree(args.work / "demo", ignore_errors=True)  # deploy/demo.py may have changed since
     assets = build_demo(args.work / "demo")
-    if fresh:
-        gemma_like_bos(assets.model_dir)
+    gemma_like_bos(assets.model_dir)
     config = AppConfig.from_run_config(run_config(args, assets))
     rows = load_partition(config.dataset, args.partition, config.train.seed)
     adapter = initial_adapter(config.model, config.train.seed)
@@ -216,7 +224,7 @@ def main() -> None:
         "losses": {"ours": ours, "template": tpl},
         "max_abs_diff": max(diffs), "max_rel_diff": max(rels), "mean_abs_diff": sum(diffs) / len(diffs),
         "tokens": token_compare(ours_data, tpl_data, collator),
-        "attention": {"ours": attn_o, "template": attn_t},
+        "attention_optim": {"ours": attn_o, "template": attn_t},
         "ours_settings": {k: repr(v) for k, v in vars(config).items()}, "template_settings": tpl_settings,
         "template_defaults": tpl_config,
         "versions": {p: metadata.version(p) for p in ("torch", "transformers", "peft", "flwr", "datasets", "accelerate")}
@@ -225,7 +233,7 @@ def main() -> None:
     lines = [f"{'step':>4} {'ours':>10} {'template':>10} {'|diff|':>10}"]
     lines += [f"{i + 1:>4} {a:>10.5f} {b:>10.5f} {d:>10.5f}" for i, (a, b, d) in enumerate(zip(ours, tpl, diffs))]
     lines += [f"max |diff| {result['max_abs_diff']:.5f}  max rel {result['max_rel_diff']:.4f}  lr {lr_o:.4g} / {lr_t:.4g}",
-              f"tokens: {json.dumps(result['tokens'])}", f"attention: ours {attn_o}, template {attn_t}"]
+              f"tokens: {json.dumps(result['tokens'])}", f"attention/optimizer: ours {attn_o}; template {attn_t}"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.label}.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out / f"{args.label}.txt").write_text("\n".join(lines) + "\n")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -13,15 +12,16 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from app.config import AppConfig, ConfigError
-from app.trainer_service import TrainerSpec, supervise
-from deploy.backends.docker import DockerDeployment, prepare_host_folder
+from deploy import stack_steps
+from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
 from deploy.demo import build_demo
 from deploy.images import GPU_BASE, build_images, outdated_images
-from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection
-from deploy.project import default_run_config, resolve_run_config
-from deploy.tls import TlsFiles, make_certificates, make_node_keys, make_superexec_secret
+from deploy.errors import DeployError
+from deploy.flwr_cli import Connection, FlwrCli, register_connection
+from deploy.project import resolve_run_config
+from deploy.tls import TlsFiles
 from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
 
 
@@ -99,70 +99,6 @@ def cmd_render(args: argparse.Namespace) -> int:
     for path in write(_topology(args), args.out, _render_options(args)):
         print(path)
     return 0
-
-
-def cmd_trainer(args: argparse.Namespace) -> int:
-    """What each backend runs per GPU: the warm trainers for its SuperNodes, until stopped."""
-    _, config = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    supervise(TrainerSpec(args.dir, args.home, args.count, config.model, config.train, args.cache_partitions))
-    return 0
-
-
-def cmd_fetch_model(args: argparse.Namespace) -> int:
-    """Run once per host before its SuperNodes start, so 20 nodes share one download."""
-    run_config = default_run_config(args.app)
-    name = args.model or str(run_config["model.name"])
-    model = AppConfig.from_run_config({**run_config, "model.name": name}).model  # checks a local folder
-    if model.is_local:
-        print(f"{name}: local model, nothing to fetch")
-        return 0
-    from huggingface_hub import snapshot_download
-
-    print(f"{name}: cached at {snapshot_download(name, allow_patterns=['*.json', '*.safetensors', '*.model'])}")
-    return 0
-
-
-def cmd_setup_host(args: argparse.Namespace) -> int:
-    """What compose's one-shot `setup` service runs (as root) before anything else."""
-    prepare_host_folder(args.results)
-    if args.certs:
-        files = make_certificates(args.certs, args.name or ["superlink"])
-        make_superexec_secret(args.certs)
-        prepare_host_folder(args.certs)
-        print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
-    if args.keys:
-        make_node_keys(args.keys, [f"supernode-{i}" for i in range(args.nodes)])
-        prepare_host_folder(args.keys)
-        print(f"SuperNode keys: {args.keys} (copy each node's .key to the host that runs it)")
-    return 0
-
-
-def _stack_cli(superlink: str, root_certificate: Path | None) -> FlwrCli:
-    """Inside a one-shot container: a connection to the stack's own SuperLink."""
-    flwr_home = Path.home() / ".flwr"
-    register_connection(flwr_home, Connection("stack", superlink, root_certificate))
-    return FlwrCli(Path(sys.executable).parent / "flwr", flwr_home, "stack", dict(os.environ))
-
-
-def cmd_register_nodes(args: argparse.Namespace) -> int:
-    cli = _stack_cli(args.superlink, Path(args.root_certificates))
-    keys = sorted(args.keys.glob("*.pub"))
-    if not keys:
-        raise DeployError(f"--keys {args.keys}: no public keys (*.pub) there")
-    for key in keys:
-        cli.register_node(key)
-    print(f"{len(keys)} SuperNode keys registered")
-    return 0
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    """What compose's one-shot `submit` service runs: the seed job, with the app's defaults."""
-    sent, _ = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
-    cli = _stack_cli(args.superlink, None if args.insecure else Path(args.root_certificates))
-    cli.wait_for_nodes(args.nodes, timeout=args.timeout, alive=lambda: None)
-    status = cli.run_to_completion(args.app, sent, cli.flwr_home)
-    return 0 if status == "finished:completed" else 1
 
 
 def _docker(args: argparse.Namespace) -> tuple[DockerDeployment, Topology]:
@@ -299,40 +235,7 @@ def parser() -> argparse.ArgumentParser:
     p_logs.add_argument("--tail", type=int, default=100)
     p_logs.set_defaults(func=cmd_logs)
 
-    p_setup = commands.add_parser("setup-host", help="results folder, TLS material, node keys (compose runs it)")
-    p_setup.add_argument("--results", type=Path, required=True, help="results folder to hand to uid 1000")
-    p_setup.add_argument("--certs", type=Path, help="folder for the CA and the SuperLink certificate")
-    p_setup.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
-    p_setup.add_argument("--keys", type=Path, help="folder for the SuperNodes' key pairs")
-    p_setup.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs")
-    p_setup.set_defaults(func=cmd_setup_host)
-
-    p_register = commands.add_parser("register-nodes", help="register SuperNode public keys (compose runs it)")
-    p_register.add_argument("--superlink", required=True, help="HOST:PORT")
-    p_register.add_argument("--root-certificates", default="/certs/ca.crt")
-    p_register.add_argument("--keys", type=Path, default=Path("/keys"), help="folder of *.pub keys")
-    p_register.set_defaults(func=cmd_register_nodes)
-
-    p_submit = commands.add_parser("submit", help="wait for the SuperNodes, run the app, stream its log")
-    p_submit.add_argument("--superlink", required=True, help="HOST:PORT")
-    p_submit.add_argument("--nodes", type=int, required=True, help="SuperNodes to wait for")
-    p_submit.add_argument("--root-certificates", default="/certs/ca.crt")
-    p_submit.add_argument("--insecure", action="store_true")
-    p_submit.add_argument("--run-config", help="overrides, 'key=value ...'")
-    p_submit.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the SuperNodes")
-    p_submit.set_defaults(func=cmd_submit)
-
-    p_trainer = commands.add_parser("trainer", help="run one GPU's warm trainers (the backends start it)")
-    p_trainer.add_argument("--dir", type=Path, required=True, help="the host's trainer folder: sockets, locks, auth key")
-    p_trainer.add_argument("--home", required=True, help="gpu<g> or cpu: the name nodes' trainer-home gives")
-    p_trainer.add_argument("--count", type=int, default=1, help="trainers on this GPU")
-    p_trainer.add_argument("--run-config", help="the overrides runs will send, 'key=value ...' or a .toml file")
-    p_trainer.add_argument("--cache-partitions", type=int, default=20, help="tokenized partitions each trainer keeps")
-    p_trainer.set_defaults(func=cmd_trainer)
-
-    p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model (compose runs it)")
-    p_fetch.add_argument("--model", help="hub id or local folder (default: model.name in pyproject.toml)")
-    p_fetch.set_defaults(func=cmd_fetch_model)
+    stack_steps.add_commands(commands)
     return root
 
 

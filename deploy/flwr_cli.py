@@ -19,9 +19,7 @@ from typing import Any, Callable, Mapping
 import tomli_w
 from flwr.common.config import unflatten_dict
 
-
-class DeployError(RuntimeError):
-    """The deployment did not come up or a run did not finish; the message is one line."""
+from deploy.errors import DeployError
 
 
 def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:

@@ -18,7 +18,7 @@ from docker.errors import NotFound
 from docker.types import DeviceRequest
 
 from deploy.compose import PROJECT
-from deploy.flwr_cli import DeployError
+from deploy.errors import DeployError
 
 LABEL = "flowertune-deploy.project"
 # The compose keys this backend translates; any other key would be silently lost, so it fails.

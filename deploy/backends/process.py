@@ -23,7 +23,8 @@ from typing import IO, Any, Mapping
 
 from app.trainer_client import TrainerUnavailable, ping
 from app.trainer_protocol import ensure_authkey, trainer_name
-from deploy.flwr_cli import Connection, DeployError, FlwrCli, register_connection, write_run_config
+from deploy.errors import DeployError
+from deploy.flwr_cli import Connection, FlwrCli, register_connection, write_run_config
 from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
