@@ -29,7 +29,8 @@ keys a client disagrees on, and both aggregations then share one set of checks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -107,6 +108,19 @@ def fedavg(
     probs = _normalised_weights(weights, len(states))
     keys = _check_same_keys(states)
     return {key: _average_tensors(key, [s[key] for s in states], probs) for key in keys}
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """FlexLoRA makes ~2,500 small torch calls; with one thread per core on a host whose
+    cores are busy training, each call waits for stalled threads: 4-7 s a round on a loaded
+    32-core host against 0.1-0.2 s on one thread (bench/profile_flexlora.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _lora_pairs(keys: Sequence[str]) -> dict[str, str]:
@@ -223,15 +237,16 @@ def flexlora(
     b_keys = set(pairs.values())
 
     result: dict[str, torch.Tensor] = {}
-    for key in keys:
-        if key in pairs:
-            b_key = pairs[key]
-            a_new, b_new = _flexlora_pair(
-                [s[key] for s in states], [s[b_key] for s in states], probs, rank, split, key
-            )
-            result[key] = a_new
-            result[b_key] = b_new
-        elif key not in b_keys:
-            result[key] = _average_tensors(key, [s[key] for s in states], probs)
+    with _one_thread():
+        for key in keys:
+            if key in pairs:
+                b_key = pairs[key]
+                a_new, b_new = _flexlora_pair(
+                    [s[key] for s in states], [s[b_key] for s in states], probs, rank, split, key
+                )
+                result[key] = a_new
+                result[b_key] = b_new
+            elif key not in b_keys:
+                result[key] = _average_tensors(key, [s[key] for s in states], probs)
     # Same key order as the input, so checkpoints and logs list modules in model order.
     return {key: result[key] for key in keys}

@@ -106,7 +106,8 @@ def train_round(
     )
     set_peft_model_state_dict(model, adapter)
     result = train_adapter(model, tokenizer, dataset, config.train, learning_rate, server_round)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(model).items()}
+    # A copy: on a float32 CPU model `.to` returns the live parameter, which the next round would overwrite.
+    state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()}
     metrics = {
         "train-loss": result.loss,
         "train-seconds": result.seconds,

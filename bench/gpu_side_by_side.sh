@@ -4,12 +4,19 @@
 #   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
 #   run(command="bash bench/gpu_side_by_side.sh B", carry=[same])
 #   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh C", carry=[same])
+#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh D", carry=[same])
 # A: warm trainers on GPU 0 (FedAvg then FlexLoRA on one deployment) while GPU 1 runs the
 #    seed mode with FedAvg; then warm trainers on GPUs 0,1 (FedAvg).
 # B: ours in process (today's path: a fresh ClientApp per round, checkpointing on) on GPU 0
 #    while GPU 1 runs the seed mode with dense FlexLoRA (2 rounds: ~150 s each).
 # C: after the adapter travels packed (app/wire.py): warm trainers on GPU 0 (FedAvg, FlexLoRA)
 #    while GPU 1 runs ours in process; then warm trainers on GPUs 0,1 (FedAvg).
+# D: attention and 4-bit kind in the mode that runs (warm trainers, 2 per GPU, FedAvg):
+#    GPU 0 eager, GPU 1 flex_attention, each first with NF4 + double quant + dropout 0.05
+#    (our choice before issue 12) and then with the template's FP4, no double quant, 0.075;
+#    the FP4 eager deployment also runs FlexLoRA (one-thread aggregation); once GPU 1 is done,
+#    bench/attention_probe.py trains one fixed partition from the same adapter there, eager
+#    then flex_attention, for the per-step losses.
 # A and B ran before the packing: their warm and in-process rounds paid ~45 s of transfers.
 # The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
 # What comes back: the call's log and results_<A|B>.tar.gz (JSON, logs of every process).
@@ -62,6 +69,24 @@ case "$1" in
     wait $S
     stamp "warm trainers on GPUs 0,1"
     LIMIT=170 ours warm-2gpu 0,1 fedavg
+    ;;
+  D)
+    OURS="model.quantization-type='nf4' model.double-quantization=true model.lora.peft-lora-dropout=0.05"
+    stamp "eager on GPU 0 | flex_attention on GPU 1: NF4 + double quant (3 rounds)"
+    LIMIT=170 ours flex-nf4 1 fedavg --rounds 3 --run-config "model.attention='flex_attention' $OURS" & S=$!
+    LIMIT=170 ours eager-nf4 0 fedavg --rounds 3 --run-config "$OURS"
+    wait $S
+    stamp "eager on GPU 0 (FedAvg, FlexLoRA) | flex_attention on GPU 1 (FedAvg), then the loss probe: the template's FP4"
+    (
+      LIMIT=170 ours flex-fp4 1 fedavg --run-config "model.attention='flex_attention'"
+      for a in eager flex_attention; do
+        CUDA_VISIBLE_DEVICES=1 timeout -k 10 60 $PY bench/attention_probe.py --model "$MODEL" --data "$DATA" \
+          --run-config "model.attention='$a'" --json "$R/probe-$a.json" > "$R/probe-$a.log" 2>&1
+        tail -n 1 "$R/probe-$a.log"
+      done
+    ) & S=$!
+    LIMIT=300 ours eager-fp4 0 fedavg,flexlora
+    wait $S
     ;;
 esac
 tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null

@@ -39,12 +39,15 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The last commit before 82fda84 changed app/strategy.py: LoraFedAvg with Flower's FedAvg
+# arithmetic and sqrt split, as in bench/results/warm_trainers (aggregation 4.1-7.2 s).
+MEASURED_REV = "5f934c1"
 
 
 def _app_source(argv: list[str]) -> Path:
-    """Where `app` is imported from: a git revision of it (default HEAD, what the measured
-    run used; app/ may be mid-edit), or the working tree with --app-rev worktree."""
-    rev = "HEAD"
+    """Where `app` is imported from: a git revision of it, or the working tree with
+    --app-rev worktree. The default, MEASURED_REV, is the app the 4.1-7.2 s run used."""
+    rev = MEASURED_REV
     for i, a in enumerate(argv):
         if a == "--app-rev" and i + 1 < len(argv):
             rev = argv[i + 1]
@@ -335,9 +338,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", default="", help="comma list of torch thread counts (default: 1 and the default)")
     p.add_argument("--busy", default="0", help="comma list of busy-process counts to sweep under")
+    p.add_argument("--ops-busy", type=int, default=0, help="also profile (cProfile, torch.profiler) under N busy processes")
     p.add_argument("--top", type=int, default=25, help="cProfile lines")
     p.add_argument("--no-flwr", action="store_true")
-    p.add_argument("--app-rev", default="HEAD", help="git revision of app/ to profile, or 'worktree'")
+    p.add_argument("--app-rev", default=MEASURED_REV, help="git revision of app/ to profile, or 'worktree'")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -379,13 +383,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"\n{name}: median of {args.repeats}, torch threads {torch.get_num_threads()}")
             for k, v in med.items():
                 print(f"  {k:<52s} {v:8.4f} s")
-        print(f"\ncProfile of LoraFedAvg.aggregate_train (FlexLoRA), top {args.top} by cumulative time:")
-        text = flower.cprofile(True, args.top)
-        print(text)
-        result["cprofile_flexlora"] = text
+        for n_busy in sorted({0, args.ops_busy}):
+            with Busy(n_busy):
+                text = flower.cprofile(True, args.top)
+            print(f"\ncProfile of the strategy's aggregate_train (FlexLoRA), {n_busy} busy processes, "
+                  f"{torch.get_num_threads()} torch threads, top {args.top} by cumulative time:")
+            print(text)
+            result[f"cprofile_flexlora_busy{n_busy}"] = text
 
-    print("torch.profiler, one flexlora call (self CPU time):")
-    print(op_breakdown(states, weights, args.rank))
+    for n_busy in sorted({0, args.ops_busy}):
+        with Busy(n_busy):
+            flexlora(states, weights, args.rank)
+            print(f"torch.profiler, one flexlora call, {n_busy} busy processes, "
+                  f"{torch.get_num_threads()} torch threads (self CPU time):")
+            table = op_breakdown(states, weights, args.rank)
+        print(table)
+        result[f"ops_busy{n_busy}"] = table
 
     print("thread sweep (flexlora math; aggregate-seconds window of a real LoraFedAvg where flwr is there):")
     result["thread_sweep"] = thread_sweep(states, weights, args.rank, threads, busy, args.repeats,

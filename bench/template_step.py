@@ -9,10 +9,10 @@ partition rows, initial adapter, seed, learning rate, batch and steps, and repor
 per-step losses. Both share every value that is a run-config setting (read from our
 pyproject at run time); the template keeps what it hard-codes (prompt, masking, LoRA
 dropout 0.075, constant schedule, fp32, checkpointing). Pass the settings that make ours
-behave like the template with --run-config (Flower syntax) and rerun.
+behave like the template (or unlike it) with --run-config, Flower's syntax, and rerun.
 
     .venv/bin/python bench/template_step.py --label today
-    .venv/bin/python bench/template_step.py --label matched --run-config 'model.lora.dropout=0.075'
+    .venv/bin/python bench/template_step.py --label learn-eos --run-config 'train.learn-eos=true'
 
 First run: pip downloads flwr==1.24.0 (templates only, not installed) and installs
 trl==0.8.1 + omegaconf 2.3.0 with --no-deps under --work; they go last on sys.path.
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import shutil
 import json
+import shutil
 import string
 import subprocess
 import sys
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--partition", type=int, default=0)
     ap.add_argument("--server-round", type=int, default=1)
+    ap.add_argument("--assets", type=Path, help="reuse this folder's tiny-gemma2/ and alpaca.json (else built)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "flowertune-template-step")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/template_step")
     args = ap.parse_args()
@@ -205,11 +206,14 @@ def main() -> None:
     from app.config import AppConfig
     from app.dataset import load_partition
     from app.models import initial_adapter
-    from deploy.demo import build_demo
+    from deploy.demo import DemoAssets, build_demo
     torch.set_num_threads(2)
-    shutil.rmtree(args.work / "demo", ignore_errors=True)  # deploy/demo.py may have changed since
-    assets = build_demo(args.work / "demo")
-    gemma_like_bos(assets.model_dir)
+    if args.assets:
+        assets = DemoAssets(args.assets / "tiny-gemma2", args.assets / "alpaca.json")
+    else:
+        shutil.rmtree(args.work / "demo", ignore_errors=True)  # deploy/demo.py may have changed since
+        assets = build_demo(args.work / "demo")
+    gemma_like_bos(assets.model_dir)  # idempotent
     config = AppConfig.from_run_config(run_config(args, assets))
     rows = load_partition(config.dataset, args.partition, config.train.seed)
     adapter = initial_adapter(config.model, config.train.seed)
@@ -217,7 +221,7 @@ def main() -> None:
     tpl, lr_t, tpl_data, collator, attn_t, tpl_settings = template_step(
         config, rows, {k: v.clone() for k, v in adapter.items()}, args.server_round, tpl_config, args.work)
     diffs = [abs(a - b) for a, b in zip(ours, tpl)]
-    rels = [d / abs(b) for d, b in zip(diffs, tpl) if b]
+    rels = [d / abs(b) for d, b in zip(diffs, tpl) if b] or [float("nan")]
     result = {
         "label": args.label, "run_config_overrides": args.run_config, "partition": args.partition,
         "rows": len(rows), "server_round": args.server_round, "learning_rate": {"ours": lr_o, "template": lr_t},
