@@ -6,17 +6,22 @@ saving never leaves a half-written adapter where a finished one was expected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+from logging import INFO
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
 
-from app.config import ModelSettings
+from flwr.common import log
+
+from app.config import AppConfig, ModelSettings
 from app.models import lora_config
+from app.report import SETTINGS_JSON, progress_line, write_plots, write_summary
 from app.strategy import RoundReport
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,15 +41,17 @@ def save_adapter(state: Mapping[str, torch.Tensor], model: ModelSettings, folder
 
 
 class RunRecorder:
-    """Appends one JSON line per round and saves the adapter every N rounds and at the end."""
+    """Appends one JSON line per round, saves the adapter every N rounds and at the end,
+    keeps the run's report current (`app.report`) and logs one progress line a round."""
 
-    def __init__(self, folder: Path, model: ModelSettings, save_every: int, num_rounds: int, aggregation: str):
+    def __init__(self, folder: Path, config: AppConfig):
         self.folder = folder
-        self.model = model
-        self.save_every = save_every
-        self.num_rounds = num_rounds
-        self.aggregation = aggregation
+        self.model = config.model
+        self.save_every = config.train.save_every_round
+        self.num_rounds = config.strategy.num_rounds
+        self.aggregation = "flexlora" if config.strategy.use_flexlora else "fedavg"
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / SETTINGS_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str))
         self.metrics_file = folder / "metrics.jsonl"
         self._started = time.monotonic()
 
@@ -70,3 +77,6 @@ class RunRecorder:
         }
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(line) + "\n")
+        log(INFO, "%s", progress_line(write_summary(self.folder)))
+        if report.server_round == self.num_rounds:
+            write_plots([self.folder], self.folder)

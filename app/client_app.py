@@ -44,6 +44,11 @@ def train(msg: Message, context: Context) -> Message:
             node.partition_id, server_round, reply.trainer, " (its own GPU's were busy)" if reply.overflow else "",
         )
         arrays = pack_bytes(reply.adapter)
-        metrics = {**reply.metrics, "queue-seconds": reply.queue_seconds, "trainer-overflow": int(reply.overflow)}
+        metrics = {
+            **reply.metrics,
+            "queue-seconds": reply.queue_seconds,
+            "trainer-overflow": int(reply.overflow),
+            "gpu": int(reply.trainer[3:].split("-")[0]) if reply.trainer.startswith("gpu") else -1,
+        }
     metrics = {**metrics, "partition-id": node.partition_id, "client-seconds": time.perf_counter() - start}
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -24,8 +24,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = AppConfig.from_run_config(context.run_config)
     run_dir = config.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
-    aggregation = "flexlora" if config.strategy.use_flexlora else "fedavg"
-    recorder = RunRecorder(run_dir, config.model, config.train.save_every_round, config.strategy.num_rounds, aggregation)
+    recorder = RunRecorder(run_dir, config)
     initial = initial_adapter(config.model, config.train.seed)
     save_adapter(initial, config.model, run_dir / "round-0")
     num_nodes = config.dataset.num_partitions

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from app.aggregation import fedavg, flexlora
-from app.wire import WireError, pack, unpack
+from app.wire import WireError, pack, packed_bytes, unpack
 
 WEIGHT_KEY = "num-examples"
 
@@ -59,25 +59,30 @@ class FedAvgOrFlexLora(FedAvg):
         self.on_round = on_round
         # The global adapter the round's updates must match, set when the round is configured.
         self.current: ArrayRecord | None = None
+        self.sent_bytes = 0  # the packed global adapter each sampled node receives this round
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """The global adapter goes out packed (`app.wire`); the strategy keeps it per tensor."""
         self.current = arrays
-        return super().configure_train(server_round, pack(arrays), config, grid)
+        packed = pack(arrays)
+        self.sent_bytes = len(packed_bytes(packed))
+        return super().configure_train(server_round, packed, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         answered, errored = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         accepted, rejected = [], []
+        received: dict[int, int] = {}
         for msg in answered:
+            received[msg.metadata.src_node_id] = _payload_bytes(msg)
             problem = self.unpack_reply(msg)
             problem = problem or self.find_problem(msg.content)
             if problem:
                 log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, msg.metadata.src_node_id, problem)
-                rejected.append({"node-id": msg.metadata.src_node_id, "reason": problem})
+                rejected.append({"node-id": msg.metadata.src_node_id, "partition-id": _partition_of(msg), "reason": problem})
             else:
                 accepted.append(msg)
         arrays = metrics = None
@@ -92,7 +97,15 @@ class FedAvgOrFlexLora(FedAvg):
             RoundReport(
                 server_round=server_round,
                 arrays=arrays if arrays is not None else self.current,
-                clients=[{"node-id": m.metadata.src_node_id, **_metrics_of(m.content)} for m in accepted],
+                clients=[
+                    {
+                        "node-id": m.metadata.src_node_id,
+                        **_metrics_of(m.content),
+                        "bytes-to-client": self.sent_bytes,
+                        "bytes-from-client": received[m.metadata.src_node_id],
+                    }
+                    for m in accepted
+                ],
                 rejected=rejected,
                 failed=[{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errored],
                 aggregate=dict(metrics) if metrics is not None else {},
@@ -155,6 +168,20 @@ def summarize_round(contents: list[RecordDict], weight_key: str) -> MetricRecord
             "peak-gpu-bytes": max(float(r["peak-gpu-bytes"]) for r in rows),
         }
     )
+
+
+def _partition_of(msg: Message) -> int | None:
+    records = list(msg.content.metric_records.values())
+    value = records[0].get("partition-id") if len(records) == 1 else None
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _payload_bytes(msg: Message) -> int:
+    """The packed adapter a reply carries, in bytes (0 when it carries none we can read)."""
+    try:
+        return sum(len(packed_bytes(r)) for r in msg.content.array_records.values())
+    except WireError:
+        return sum(a.numpy().nbytes for r in msg.content.array_records.values() for a in r.values())
 
 
 def _some(keys: set[str], shown: int = 3) -> str:

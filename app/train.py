@@ -66,23 +66,14 @@ def build_trainer(
     )
 
 
-def train_adapter(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    settings: TrainSettings,
-    learning_rate: float,
-    server_round: int,
-) -> TrainResult:
-    """The round's learning rate stays constant inside the round; the cosine runs across rounds."""
+def train_adapter(trainer: Trainer) -> TrainResult:
+    """Runs one round's Trainer and measures what the metrics report."""
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as scratch:
-        trainer = build_trainer(model, tokenizer, dataset, settings, learning_rate, server_round, scratch)
-        start = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
     return TrainResult(
         loss=float(output.training_loss),
         seconds=seconds,
@@ -105,7 +96,8 @@ def train_round(
         server_round, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min
     )
     set_peft_model_state_dict(model, adapter)
-    result = train_adapter(model, tokenizer, dataset, config.train, learning_rate, server_round)
+    with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as scratch:
+        result = train_adapter(build_trainer(model, tokenizer, dataset, config.train, learning_rate, server_round, scratch))
     # A copy: on a float32 CPU model `.to` returns the live parameter, which the next round would overwrite.
     state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()}
     metrics = {

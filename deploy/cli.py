@@ -171,6 +171,23 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Redraws each run's summary and plots; several runs also share one comparison chart."""
+    from app.report import write_plots, write_summary
+
+    for run in args.runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise DeployError(f"{run}: not a run folder (no metrics.jsonl in it)")
+    for run in args.runs:
+        summary = write_summary(run)
+        write_plots([run], run)
+        print(f"{run}: {summary['rounds-completed']} rounds, final loss {summary['final-loss']}, summary.md, loss.png, round_time.png")
+    if len(args.runs) > 1:
+        for path in write_plots(args.runs, args.out):
+            print(path)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="deploy", description=__doc__)
     root.add_argument("--app", type=Path, default=Path.cwd(), help="the Flower app folder (default: here)")
@@ -234,6 +251,11 @@ def parser() -> argparse.ArgumentParser:
     p_logs.add_argument("service")
     p_logs.add_argument("--tail", type=int, default=100)
     p_logs.set_defaults(func=cmd_logs)
+
+    p_report = commands.add_parser("report", help="redraw runs' summaries and plots; several runs on one chart")
+    p_report.add_argument("runs", nargs="+", type=Path, help="run folders (results/<date>-<time>-run<id>)")
+    p_report.add_argument("--out", type=Path, default=Path("report"), help="folder for the comparison charts (default: ./report)")
+    p_report.set_defaults(func=cmd_report)
 
     stack_steps.add_commands(commands)
     return root

@@ -14,6 +14,7 @@ from pathlib import Path
 import docker
 from docker.errors import ImageNotFound
 
+from deploy.backends.docker import engine
 from deploy.compose import APP_IMAGE, SUPERLINK_IMAGE
 
 # Targets of docker/Dockerfile and the tags compose files refer to.
@@ -55,7 +56,7 @@ def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | No
         torch_spec = "none"
     env = None if torch_spec is None else {**os.environ, "TORCH_SPEC": torch_spec}
     subprocess.run(["bash", str(app_dir / "docker" / "wheelhouse.sh")], cwd=app_dir, check=True, env=env)
-    client = docker.from_env()
+    client = engine()
     args = {"SOURCE_DIGEST": source_digest(app_dir)}
     if base_image != GPU_BASE:
         args["BASE_IMAGE"] = base_image

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -11,6 +14,38 @@ from flwr.common.config import flatten_dict
 from deploy.demo import DemoAssets, build_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
+
+
+def _docker_missing() -> str | None:
+    """What the Docker tests lack on this machine, or None."""
+    if shutil.which("docker") is None:
+        return "the docker CLI"
+    for what, command in (
+        ("a running engine", ["docker", "info"]),
+        ("Compose v2", ["docker", "compose", "version"]),
+        (f"the base image {BASE_IMAGE}", ["docker", "image", "inspect", BASE_IMAGE]),
+    ):
+        if subprocess.run(command, capture_output=True).returncode != 0:
+            return what
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """A Docker engine, Compose v2 and the local base image, installed here when missing, so
+    README's test command passes on a fresh machine as it is (the scripts are idempotent)."""
+    missing = _docker_missing()
+    if missing is not None:
+        if os.geteuid() != 0:
+            pytest.fail(
+                f"the Docker tests need {missing}: run `sudo bash tests/docker/install_engine.sh && "
+                "sudo bash tests/docker/make_base_image.sh` once, or run the tests as root"
+            )
+        for script in ("install_engine.sh", "make_base_image.sh"):
+            subprocess.run(["bash", str(ROOT / "tests" / "docker" / script)], check=True)
+        assert _docker_missing() is None, _docker_missing()
+    return BASE_IMAGE
 
 
 def assert_adapter_trained(demo: DemoAssets, run_dir: Path, final_round: int) -> None:

@@ -1,5 +1,6 @@
 """The deploy tool's front door: layouts printed, bad input stopped with one line and exit 2."""
 
+import os
 import subprocess
 import sys
 
@@ -8,8 +9,17 @@ import pytest
 from tests.conftest import ROOT
 
 
-def deploy(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True)
+def deploy(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("command", [["up", "--no-submit"], ["status"], ["logs", "superlink"], ["down"]])
+def test_no_docker_engine_is_one_line_and_exit_2(tmp_path, command):
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
+    done = deploy(*command, "--gpus", "", "--insecure", "--dir", str(tmp_path), env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: no Docker engine answers (")
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
 def test_plan_prints_node_partition_host_gpu_trainer():

@@ -124,7 +124,7 @@ def test_committed_compose_yaml_is_the_rendered_default(tmp_path):
     [[Host("localhost", (0,))], [Host("localhost", tuple(range(8)))], [Host("a", (0, 1)), Host("b", (0,))], [Host("cpu")]],
     ids=["1gpu", "8gpu", "2hosts", "cpu"],
 )
-def test_docker_compose_accepts_every_rendered_file(hosts, tmp_path):
+def test_docker_compose_accepts_every_rendered_file(hosts, tmp_path, docker_engine):
     for path in write(plan(NODES, hosts), tmp_path):
         done = subprocess.run(["docker", "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True)
         assert done.returncode == 0, f"{path.name}: {done.stderr}"

@@ -48,7 +48,7 @@ def run(deployment, demo, results, **overrides):
 
 
 @pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
-def test_three_rounds(deployment, demo, tmp_path, use_flexlora):
+def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     run_dir, rounds = run(
         deployment, demo, tmp_path, **{"num-server-rounds": 3, "strategy.use-flexlora": use_flexlora, "train.save-every-round": 2}
     )
@@ -62,8 +62,22 @@ def test_three_rounds(deployment, demo, tmp_path, use_flexlora):
         partitions.append(frozenset(ids))
         assert r["aggregate"]["train-loss"] > 0
     assert len(set(partitions)) > 1, "every round trained the same partitions"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "round-0", "round-2", "round-3"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "loss.png", "metrics.jsonl", "round-0", "round-2", "round-3", "round_time.png", "run.json", "summary.json", "summary.md"
+    ]
     assert_adapter_trained(demo, run_dir, final_round=3)
+    # The byte figures are the packed adapters that really crossed: the global one down, each update up.
+    from safetensors.numpy import load_file, save
+
+    adapter_bytes = len(save(load_file(run_dir / "round-0" / "adapter_model.safetensors")))
+    assert {c["bytes-to-client"] for r in rounds for c in r["clients"]} == {adapter_bytes}
+    assert {c["bytes-from-client"] for r in rounds for c in r["clients"]} == {adapter_bytes}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds-completed"] == summary["rounds-planned"] == 3
+    assert summary["bytes"]["total"] == 2 * 6 * adapter_bytes
+    # The ServerApp's progress line, as `flwr log` streams it to whoever submitted the run.
+    streamed = capfd.readouterr().out
+    assert "round 1/3: partition" in streamed and "round 3/3: partition" in streamed and "ETA 0 s" in streamed
 
     clients = [c for r in rounds for c in r["clients"]]
     logs = "".join(p.read_text() for p in (deployment.workdir / "logs").glob("supernode-*.log"))

@@ -10,7 +10,6 @@ import sys
 from deploy.images import build_images, outdated_images
 from tests.conftest import ROOT
 
-BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
 PROJECT = "flowertune-compose-test"
 
 
@@ -23,11 +22,11 @@ def compose(folder, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def test_docker_compose_up_runs_the_job(demo, tmp_path):
+def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
     import docker
 
     if outdated_images(docker.from_env(), ROOT):
-        build_images(ROOT, BASE_IMAGE)
+        build_images(ROOT, docker_engine)
     overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json"}
     overrides["num-server-rounds"] = 1
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())

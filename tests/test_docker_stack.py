@@ -18,15 +18,13 @@ from deploy.flwr_cli import FlwrCli
 from tests.conftest import ROOT, assert_adapter_trained
 from tests.test_docker_compose_up import toml_value
 
-BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
-
 
 def deploy(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], env=env, text=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
-def stack(demo, tmp_path_factory):
+def stack(demo, tmp_path_factory, docker_engine):
     workdir = tmp_path_factory.mktemp("stack")
     env = {**os.environ, "FLWR_HOME": str(workdir / "flwr-home")}
     client = docker.from_env()
@@ -34,7 +32,7 @@ def stack(demo, tmp_path_factory):
     overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json"}
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())  # the trainers load this model
     layout = ["--gpus", "", "--dir", str(workdir), "--volume", f"{demo.model_dir.parent}:/demo:ro", "--run-config", run_config]
-    up = deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", BASE_IMAGE, env=env)
+    up = deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", docker_engine, env=env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield workdir, env, client

@@ -40,14 +40,14 @@ def test_generation_config_is_consistent_with_use_cache_off(run_config, tmp_path
     assert (tmp_path / "full" / "generation_config.json").is_file()
 
 
-def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_config, caplog):
+def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_config, caplog, tmp_path):
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset)
     with caplog.at_level(logging.WARNING):
         model = build_model(config.model)
         before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-        result = train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3, server_round=1)
+        result = train_adapter(build_trainer(model, tokenizer, data, config.train, 1e-3, 1, str(tmp_path)))
     after = get_peft_model_state_dict(model)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert result.tokens > 0 and result.loss > 0
@@ -75,13 +75,16 @@ def test_cosine_schedule_runs_from_max_towards_min():
 
 
 def test_recorder_saves_every_n_rounds_and_the_last_in_peft_format(run_config, tmp_path):
-    config = AppConfig.from_run_config(run_config)
-    recorder = RunRecorder(tmp_path / "run", config.model, save_every=2, num_rounds=3, aggregation="fedavg")
+    config = AppConfig.from_run_config({**run_config, "train.save-every-round": 2, "num-server-rounds": 3})
+    recorder = RunRecorder(tmp_path / "run", config)
     state = initial_adapter(config.model, seed=1)
+    metrics = {"num-examples": 5, "train-loss": 1.0, "train-seconds": 0.5, "train-tokens": 10, "partition-id": 4}
     for r in (1, 2, 3):
         state = {k: v + r for k, v in state.items()}
-        recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=[{"node-id": r, "num-examples": 5}]))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "round-2", "round-3"]
+        recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=[{"node-id": r, **metrics}]))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "loss.png", "metrics.jsonl", "round-2", "round-3", "round_time.png", "run.json", "summary.json", "summary.md"
+    ]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(line["round"], line["checkpoint"]) for line in lines] == [(1, None), (2, "round-2"), (3, "round-3")]
 
@@ -100,7 +103,7 @@ def test_saving_over_a_checkpoint_replaces_it_whole(run_config, tmp_path):
     assert not (tmp_path / "round-5.partial").exists()
 
 
-def test_gradient_checkpointing_still_trains_every_lora_factor(run_config):
+def test_gradient_checkpointing_still_trains_every_lora_factor(run_config, tmp_path):
     """Reentrant checkpointing drops the gradients of a block whose inputs need none, and
     the embedding is frozen: every LoRA factor must still learn. (On the 4-bit GPU path,
     where PEFT does not do it for us, bench/results/reentrant_ab.txt checks the same.)"""
@@ -110,7 +113,7 @@ def test_gradient_checkpointing_still_trains_every_lora_factor(run_config):
     model = build_model(config.model)
     assert model.base_model.model.is_gradient_checkpointing
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
-    train_adapter(model, tokenizer, data, config.train, learning_rate=1e-3, server_round=1)
+    train_adapter(build_trainer(model, tokenizer, data, config.train, 1e-3, 1, str(tmp_path)))
     after = get_peft_model_state_dict(model)
     unchanged = [k for k in before if "lora_B" in k and torch.equal(before[k], after[k])]
     assert unchanged == []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import docker
-from docker.errors import NotFound
+from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest
 
 from deploy.compose import PROJECT
@@ -28,6 +28,20 @@ HANDLED_KEYS = frozenset(
 IMAGE_UID = 1000
 
 
+def engine() -> docker.DockerClient:
+    """The local engine, or one line that says none answers (not the SDK's traceback)."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except DockerException as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DeployError(
+            f"no Docker engine answers ({reason}); start one (`sudo dockerd &` or `systemctl start docker`), "
+            "or use `deploy up --backend process --insecure`"
+        ) from None
+    return client
+
+
 def _seconds_to_ns(text: str) -> int:
     return int(float(text.rstrip("s")) * 1e9)
 
@@ -37,7 +51,7 @@ class DockerDeployment:
         self.document = document
         self.compose_dir = compose_dir.resolve()
         self.env = env
-        self.client = docker.from_env()
+        self.client = engine()
         self.project = document.get("name", PROJECT)
         self.network_name = f"{self.project}_default"
 

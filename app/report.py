@@ -1,0 +1,207 @@
+"""A run's report: summary.json, summary.md and PNG plots, made from its metrics.jsonl.
+
+The ServerApp rewrites the summaries after every round, so a run that dies still leaves
+one, and draws the plots after the last round; `deploy report` redraws them from the
+files alone and puts several runs on one chart (FedAvg against FlexLoRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+# The FlowerTune template's communication tracker counts the adapter bytes a run moves
+# between server and clients against this budget.
+BUDGET_BYTES = 200 * 10**9
+SUMMARY_JSON, SUMMARY_MD, SETTINGS_JSON = "summary.json", "summary.md", "run.json"
+LOSS_PNG, TIME_PNG = "loss.png", "round_time.png"
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each round's time split: the slowest client's training, aggregation with its
+    checkpoint, and the rest (Flower's exchange, client start-up)."""
+    rows, previous = [], 0.0
+    for r in rounds:
+        seconds = r["elapsed-seconds"] - previous
+        previous = r["elapsed-seconds"]
+        clients = r["clients"]
+        training = max((c["train-seconds"] for c in clients), default=0.0)
+        aggregation = r["aggregate-seconds"] + r["checkpoint-seconds"]
+        rows.append(
+            {
+                "round": r["round"],
+                "seconds": round(seconds, 2),
+                "training": round(training, 2),
+                "aggregation": round(aggregation, 3),
+                "other": round(max(seconds - training - aggregation, 0.0), 2),
+                "loss": r["aggregate"].get("train-loss"),
+                "clients": [
+                    {
+                        "node-id": c["node-id"],
+                        "partition-id": c.get("partition-id"),
+                        "gpu": c.get("gpu", -1),
+                        "loss": c["train-loss"],
+                        "seconds": round(c["train-seconds"], 2),
+                        "tokens": c["train-tokens"],
+                        "bytes-to-client": c.get("bytes-to-client", 0),
+                        "bytes-from-client": c.get("bytes-from-client", 0),
+                    }
+                    for c in clients
+                ],
+                "rejected": len(r["rejected"]),
+                "failed": len(r["failed"]),
+                "checkpoint": r["checkpoint"],
+            }
+        )
+    return rows
+
+
+def summarize(run_dir: Path) -> dict[str, Any]:
+    settings_file = run_dir / SETTINGS_JSON
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    rows = round_rows(read_rounds(run_dir))
+    clients = [c for r in rows for c in r["clients"]]
+    to_clients = sum(c["bytes-to-client"] for c in clients)
+    from_clients = sum(c["bytes-from-client"] for c in clients)
+    earlier = run_dir / SUMMARY_JSON
+    evaluation = json.loads(earlier.read_text()).get("evaluation", {}) if earlier.is_file() else {}
+    return {
+        "run": run_dir.name,
+        "settings": settings,
+        "rounds-completed": len(rows),
+        "rounds-planned": settings.get("strategy", {}).get("num_rounds"),
+        "seconds-total": round(sum(r["seconds"] for r in rows), 2),
+        "seconds": {part: round(sum(r[part] for r in rows), 2) for part in ("training", "aggregation", "other")},
+        "final-loss": rows[-1]["loss"] if rows else None,
+        "bytes": {
+            "to-clients": to_clients,
+            "from-clients": from_clients,
+            "total": to_clients + from_clients,
+            "per-client-round-to-client": round(to_clients / len(clients)) if clients else 0,
+            "per-client-round-from-client": round(from_clients / len(clients)) if clients else 0,
+            "budget": BUDGET_BYTES,
+            "share-of-budget": (to_clients + from_clients) / BUDGET_BYTES,
+        },
+        # Scores that `deploy eval` added to an earlier summary survive a rewrite.
+        "evaluation": evaluation,
+        "rounds": rows,
+    }
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.3f} GB"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    b, s = summary["bytes"], summary["seconds"]
+    model = summary["settings"].get("model", {})
+    strategy = summary["settings"].get("strategy", {})
+    lines = [
+        f"# Run {summary['run']}",
+        "",
+        f"- model: `{model.get('name', '?')}`, aggregation: {'FlexLoRA' if strategy.get('use_flexlora') else 'FedAvg'}",
+        f"- rounds: {summary['rounds-completed']} of {summary['rounds-planned']}, final aggregate loss: "
+        + (f"{summary['final-loss']:.4f}" if summary["final-loss"] is not None else "none"),
+        f"- time: {summary['seconds-total']:.1f} s = training {s['training']:.1f} + aggregation and checkpoints "
+        f"{s['aggregation']:.1f} + other {s['other']:.1f} (exchange, client start-up)",
+        f"- communication: {_gb(b['total'])} in total ({_gb(b['to-clients'])} to clients, {_gb(b['from-clients'])} "
+        f"from clients; {b['per-client-round-to-client']:,} B down and {b['per-client-round-from-client']:,} B up "
+        f"per client and round), {100 * b['share-of-budget']:.4f} % of the FlowerTune budget of {_gb(b['budget'])}",
+        "",
+    ]
+    if summary["evaluation"]:
+        lines += ["| evaluation | accuracy |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in summary["evaluation"].items()] + [""]
+    lines += ["| round | seconds | training | aggregation | other | loss | clients (partition: loss, s) | bytes down / up |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in summary["rounds"]:
+        clients = ", ".join(f"{c['partition-id']}: {c['loss']:.3f}, {c['seconds']:.1f}" for c in r["clients"])
+        down = sum(c["bytes-to-client"] for c in r["clients"])
+        up = sum(c["bytes-from-client"] for c in r["clients"])
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "kept"
+        lines.append(
+            f"| {r['round']} | {r['seconds']:.1f} | {r['training']:.1f} | {r['aggregation']:.2f} | {r['other']:.1f} "
+            f"| {loss} | {clients or 'none'} | {down:,} / {up:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(run_dir: Path) -> dict[str, Any]:
+    summary = summarize(run_dir)
+    (run_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+    (run_dir / SUMMARY_MD).write_text(markdown(summary))
+    return summary
+
+
+def write_plots(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
+    """Loss per round (the aggregate, and each client's for a single run) and the round-time
+    breakdown (stacked for one run, total per round for several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(d.name, round_rows(read_rounds(d))) for d in run_dirs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in runs:
+        done = [r for r in rows if r["loss"] is not None]
+        ax.plot([r["round"] for r in done], [r["loss"] for r in done], marker="o", label=f"{name} (aggregate)")
+        if len(runs) == 1:
+            points = [(r["round"], c["loss"]) for r in rows for c in r["clients"]]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, color="grey", label="clients")
+    ax.set_xlabel("round")
+    ax.set_ylabel("training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / LOSS_PNG, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if len(runs) == 1:
+        rows = runs[0][1]
+        bottom = [0.0] * len(rows)
+        for part in ("training", "aggregation", "other"):
+            values = [r[part] for r in rows]
+            ax.bar([r["round"] for r in rows], values, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    else:
+        for name, rows in runs:
+            ax.plot([r["round"] for r in rows], [r["seconds"] for r in rows], marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / TIME_PNG, dpi=110)
+    plt.close(fig)
+    return [out_dir / LOSS_PNG, out_dir / TIME_PNG]
+
+
+def _on_gpu(gpu: int) -> str:
+    return f" on GPU {gpu}" if gpu >= 0 else ""
+
+
+def progress_line(summary: dict[str, Any]) -> str:
+    """One plain line per round for the ServerApp's log, which `deploy run`, the `submit`
+    service and `deploy logs serverapp` all show."""
+    row = summary["rounds"][-1]
+    done, planned = summary["rounds-completed"], summary["rounds-planned"] or summary["rounds-completed"]
+    elapsed = summary["seconds-total"]
+    eta = elapsed / done * (planned - done)
+    clients = "; ".join(
+        f"partition {c['partition-id']}{_on_gpu(c['gpu'])}: loss {c['loss']:.4f} in {c['seconds']:.1f} s"
+        for c in row["clients"]
+    ) or "no update"
+    loss = f"{row['loss']:.4f}" if row["loss"] is not None else "adapter kept"
+    down = sum(c["bytes-to-client"] for c in row["clients"])
+    up = sum(c["bytes-from-client"] for c in row["clients"])
+    return (
+        f"round {done}/{planned}: {clients}; aggregate loss {loss}; {row['seconds']:.1f} s, elapsed {elapsed:.0f} s, "
+        f"ETA {eta:.0f} s; {down / 1e6:.1f} MB sent, {up / 1e6:.1f} MB received"
+    )
