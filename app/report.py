@@ -156,12 +156,7 @@ def write_plots(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
         if len(runs) == 1:
             points = [(r["round"], c["loss"]) for r in rows for c in r["clients"]]
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, color="grey", label="clients")
-    ax.set_xlabel("round")
-    ax.set_ylabel("training loss")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / LOSS_PNG, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "training loss", out_dir / LOSS_PNG)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if len(runs) == 1:
@@ -174,17 +169,23 @@ def write_plots(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
     else:
         for name, rows in runs:
             ax.plot([r["round"] for r in rows], [r["seconds"] for r in rows], marker="o", label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / TIME_PNG, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "seconds", out_dir / TIME_PNG)
     return [out_dir / LOSS_PNG, out_dir / TIME_PNG]
 
 
 def _on_gpu(gpu: int) -> str:
     return f" on GPU {gpu}" if gpu >= 0 else ""
+
+
+def _save(fig: Any, ax: Any, ylabel: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def progress_line(summary: dict[str, Any]) -> str:
