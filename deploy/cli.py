@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from app.config import AppConfig, ConfigError
-from deploy import stack_steps
+from deploy import evaluation, stack_steps
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import RenderOptions, render, write
@@ -257,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     p_report.add_argument("--out", type=Path, default=Path("report"), help="folder for the comparison charts (default: ./report)")
     p_report.set_defaults(func=cmd_report)
 
+    evaluation.add_command(commands)
     stack_steps.add_commands(commands)
     return root
 
