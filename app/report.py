@@ -94,10 +94,6 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _gb(value: float) -> str:
-    return f"{value / 1e9:.3f} GB"
-
-
 def markdown(summary: dict[str, Any]) -> str:
     b, s = summary["bytes"], summary["seconds"]
     model = summary["settings"].get("model", {})
@@ -110,9 +106,9 @@ def markdown(summary: dict[str, Any]) -> str:
         + (f"{summary['final-loss']:.4f}" if summary["final-loss"] is not None else "none"),
         f"- time: {summary['seconds-total']:.1f} s = training {s['training']:.1f} + aggregation and checkpoints "
         f"{s['aggregation']:.1f} + other {s['other']:.1f} (exchange, client start-up)",
-        f"- communication: {_gb(b['total'])} in total ({_gb(b['to-clients'])} to clients, {_gb(b['from-clients'])} "
-        f"from clients; {b['per-client-round-to-client']:,} B down and {b['per-client-round-from-client']:,} B up "
-        f"per client and round), {100 * b['share-of-budget']:.4f} % of the FlowerTune budget of {_gb(b['budget'])}",
+        f"- communication: {_size(b['total'])} in total ({_size(b['to-clients'])} to clients, {_size(b['from-clients'])} "
+        f"from clients; {_size(b['per-client-round-to-client'])} down and {_size(b['per-client-round-from-client'])} up "
+        f"per client and round), {100 * b['share-of-budget']:.5f} % of the FlowerTune budget of {_size(b['budget'])}",
         "",
     ]
     if summary["evaluation"]:
@@ -121,7 +117,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += ["| round | seconds | training | aggregation | other | loss | clients (partition: loss, s) | bytes down / up |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["rounds"]:
-        clients = ", ".join(f"{c['partition-id']}: {c['loss']:.3f}, {c['seconds']:.1f}" for c in r["clients"])
+        clients = "; ".join(f"{c['partition-id']}: {c['loss']:.3f}, {c['seconds']:.1f} s" for c in r["clients"])
         down = sum(c["bytes-to-client"] for c in r["clients"])
         up = sum(c["bytes-from-client"] for c in r["clients"])
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "kept"
@@ -173,6 +169,13 @@ def write_plots(run_dirs: Sequence[Path], out_dir: Path) -> list[Path]:
     return [out_dir / LOSS_PNG, out_dir / TIME_PNG]
 
 
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} B"
+
+
 def _on_gpu(gpu: int) -> str:
     return f" on GPU {gpu}" if gpu >= 0 else ""
 
@@ -204,5 +207,5 @@ def progress_line(summary: dict[str, Any]) -> str:
     up = sum(c["bytes-from-client"] for c in row["clients"])
     return (
         f"round {done}/{planned}: {clients}; aggregate loss {loss}; {row['seconds']:.1f} s, elapsed {elapsed:.0f} s, "
-        f"ETA {eta:.0f} s; {down / 1e6:.1f} MB sent, {up / 1e6:.1f} MB received"
+        f"ETA {eta:.0f} s; {_size(down)} sent, {_size(up)} received"
     )

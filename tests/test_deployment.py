@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -132,6 +133,20 @@ def _kill_when(log, marker: str, pid: int):
         return bool(killed)
 
     return result
+
+
+def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
+    """A plain `flwr run` sends results.dir as written; the ServerApp runs in the app folder."""
+    relative = f"results/relative-test-{os.getpid()}-{'trainer' if deployment.topology.trainers else 'in-process'}"
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
+    try:
+        run_id = deployment.cli.submit(ROOT, {**sent, "results.dir": relative}, deployment.workdir)
+        status, details = deployment.cli.wait_finished(run_id, timeout=300)
+        assert status == "finished:completed", details
+        (run_dir,) = (ROOT / relative).glob("*-run*")
+        assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "round-1").is_dir()
+    finally:
+        shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
 def test_stopping_leaves_no_process(deployment):

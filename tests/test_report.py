@@ -48,7 +48,7 @@ def test_summary_counts_rounds_time_and_bytes(run_config, tmp_path):
     assert [r["training"] for r in summary["rounds"]] == [1.5, 1.5, 1.5]
     assert summary["settings"]["model"]["lora"]["r"] == 8
     markdown = (run / "summary.md").read_text()
-    assert "| 3 |" in markdown and "of the FlowerTune budget of 200.000 GB" in markdown
+    assert "| 3 |" in markdown and "of the FlowerTune budget of 200.0 GB" in markdown
     assert_png(run / "loss.png")
     assert_png(run / "round_time.png")
     line = progress_line(summary)

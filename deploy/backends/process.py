@@ -188,6 +188,9 @@ class ProcessDeployment:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            # The ServerApp inherits this folder: a relative results.dir from a plain
+            # `flwr run` lands in the app folder, as it does under `deploy run`.
+            cwd=self.app_dir,
         )
         self._started.append(_Started(name, process, log_path, log))
 
