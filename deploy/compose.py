@@ -181,10 +181,15 @@ def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
 
 
 def _model_fetch(options: RenderOptions) -> dict[str, Any]:
-    """Fills each host's shared cache once, before its SuperNodes start; the token comes from the user's shell only."""
+    """Fills each host's shared cache with the model and dataset once, before its SuperNodes and
+    trainers start; the token comes from the user's shell only."""
     return {
         "image": APP_IMAGE,
-        "command": ["python", "-m", "deploy", "--app", "/app", "fetch-model", *(["--model", options.model] if options.model else [])],
+        "command": [
+            "python", "-m", "deploy", "--app", "/app", "fetch-model",
+            *(["--model", options.model] if options.model else []),
+            *(["--run-config", options.run_config] if options.run_config else []),
+        ],
         "environment": {"HF_TOKEN": "${HF_TOKEN:-}"},
         "volumes": ["hf-cache:/home/flwr/.cache/huggingface", *options.extra_volumes],
         "restart": "no",

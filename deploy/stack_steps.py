@@ -14,12 +14,12 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from app.config import AppConfig
 from app.trainer_service import TrainerSpec, supervise
 from deploy.backends.docker import prepare_host_folder
 from deploy.errors import DeployError
+from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
-from deploy.project import default_run_config, resolve_run_config
+from deploy.project import resolve_run_config
 from deploy.tls import make_certificates, make_node_keys, make_superexec_secret
 
 
@@ -33,15 +33,12 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     """Run once per host before its SuperNodes start, so 20 nodes share one download."""
-    run_config = default_run_config(args.app)
-    name = args.model or str(run_config["model.name"])
-    model = AppConfig.from_run_config({**run_config, "model.name": name}).model  # checks a local folder
-    if model.is_local:
-        print(f"{name}: local model, nothing to fetch")
-        return 0
-    from huggingface_hub import snapshot_download
-
-    print(f"{name}: cached at {snapshot_download(name, allow_patterns=['*.json', '*.safetensors', '*.model'])}")
+    overrides = parse_config_args([args.run_config] if args.run_config else None)
+    if args.model:
+        overrides["model.name"] = args.model
+    _, config = resolve_run_config(args.app, overrides)  # checks a local folder
+    for line in fetch(config):
+        print(line)
     return 0
 
 
@@ -119,6 +116,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p_trainer.add_argument("--cache-partitions", type=int, default=20, help="tokenized partitions each trainer keeps")
     p_trainer.set_defaults(func=cmd_trainer)
 
-    p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model (compose runs it)")
+    p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model and dataset (compose runs it)")
+    p_fetch.add_argument("--run-config", help="the overrides runs will send, 'key=value ...' (data files, model)")
     p_fetch.add_argument("--model", help="hub id or local folder (default: model.name in pyproject.toml)")
     p_fetch.set_defaults(func=cmd_fetch_model)

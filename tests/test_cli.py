@@ -50,3 +50,18 @@ def test_bad_input_stops_before_anything_starts(demo, args, message):
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
     assert "SuperNodes are up" not in done.stdout
+
+
+def test_fetch_model_fills_the_caches_once_before_nodes_start(demo, tmp_path):
+    """What compose's model-fetch service and the process backend run: the dataset lands in
+    the host's datasets cache; a local model needs nothing."""
+    cache = tmp_path / "datasets-cache"
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    overrides = f'model.name="{demo.model_dir}" dataset.data-files="{demo.data_file}"'
+    done = deploy("fetch-model", "--run-config", overrides, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"{demo.model_dir}: local model, nothing to fetch",
+        f"{demo.data_file}: cached (20 rows in partition 0 of 20)",
+    ]
+    assert any(cache.rglob("*.arrow"))

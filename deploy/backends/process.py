@@ -24,7 +24,9 @@ from typing import IO, Any, Mapping
 from app.trainer_client import TrainerUnavailable, ping
 from app.trainer_protocol import ensure_authkey, trainer_name
 from deploy.errors import DeployError
+from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection, write_run_config
+from deploy.project import resolve_run_config
 from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
@@ -114,6 +116,9 @@ class ProcessDeployment:
         )
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
+        if self.app_dir is not None:
+            for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
+                print(line, flush=True)
         self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self._start(

@@ -1,0 +1,29 @@
+"""Fills a host's Hugging Face cache with the model and the dataset once, before any node starts.
+
+Otherwise the first round's sampled clients (or a GPU's trainers) would download the same
+18.5 GB and the same dataset in parallel. Compose's `model-fetch` service and the process
+backend both call `fetch`; a local model folder or local data files need nothing.
+"""
+
+from __future__ import annotations
+
+from app.config import AppConfig
+
+
+def fetch(config: AppConfig) -> list[str]:
+    """What was fetched or found, one line each, for the service's log."""
+    lines = []
+    if config.model.is_local:
+        lines.append(f"{config.model.name}: local model, nothing to fetch")
+    else:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(config.model.name, allow_patterns=["*.json", "*.safetensors", "*.model"])
+        lines.append(f"{config.model.name}: cached at {path}")
+    from app.dataset import federated_dataset
+
+    # Loading one partition downloads and prepares the whole split into the datasets cache.
+    rows = federated_dataset(config.dataset, config.train.seed).load_partition(0, "train").num_rows
+    source = ",".join(config.dataset.data_files) or config.dataset.name
+    lines.append(f"{source}: cached ({rows} rows in partition 0 of {config.dataset.num_partitions})")
+    return lines
