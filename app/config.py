@@ -52,6 +52,15 @@ TEMPLATE_ONLY = {
 }
 
 
+# The FlowerTune General NLP leaderboard's fixed settings ([tool.flwr.app.config.static]):
+# a run with other values would not be comparable, whoever submitted it and however.
+LEADERBOARD = {
+    "static.dataset.name": "vicgalle/alpaca-gpt4",
+    "static.dataset.num-partitions": 20,
+    "static.strategy.fraction-train": 0.1,
+}
+
+
 def check_keys(run_config: Mapping[str, Any], known: set[str]) -> None:
     """Fails on the first key the app does not read, with the closest known name."""
     for key in sorted(set(run_config) - known):
@@ -219,6 +228,9 @@ class AppConfig:
         )
         results_dir = Path(get("results.dir", str)).expanduser()
         check_keys(run_config, get.read)
+        for key, fixed in LEADERBOARD.items():
+            if run_config[key] != fixed:
+                raise ConfigError(f"{key} = {run_config[key]!r}: a static leaderboard setting, fixed at {fixed!r}")
         return cls(model, train, dataset, strategy, results_dir)
 
 

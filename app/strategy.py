@@ -23,6 +23,7 @@ from app.aggregation import fedavg, flexlora
 from app.wire import WireError, pack, packed_bytes, unpack
 
 WEIGHT_KEY = "num-examples"
+REQUIRED_METRICS = ("train-loss", "train-seconds", "train-tokens", "peak-gpu-bytes")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ class FedAvgOrFlexLora(FedAvg):
         weight = metrics.get(WEIGHT_KEY)
         if not isinstance(weight, (int, float)) or not weight > 0 or not math.isfinite(weight):
             return f"metric {WEIGHT_KEY} = {weight!r} is not a positive number"
+        for key in REQUIRED_METRICS:  # what the round's summary reads
+            value = metrics.get(key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"metric {key} = {value!r} is not a finite number"
         arrays = next(iter(content.array_records.values()))
         assert self.current is not None, "configure_train always runs before aggregate_train"
         if set(arrays) != set(self.current):

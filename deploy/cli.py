@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
 
 from app.config import AppConfig, ConfigError
 from deploy import evaluation, stack_steps
@@ -20,7 +19,7 @@ from deploy.demo import build_demo
 from deploy.images import GPU_BASE, build_images, outdated_images
 from deploy.errors import DeployError
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
-from deploy.project import resolve_run_config
+from deploy.project import parse_overrides, resolve_run_config
 from deploy.tls import TlsFiles
 from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
 
@@ -57,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    overrides = parse_config_args([args.run_config] if args.run_config else None)
+    overrides = parse_overrides(args.run_config)
     hosts = _hosts(args)
     if args.demo or (not hosts[0].gpus and "model.name" not in overrides):
         assets = build_demo(args.app / ".demo")
@@ -65,6 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides = {**assets.run_config(), **overrides}
     sent, config = resolve_run_config(args.app, overrides)
     topology = _plan(args, config, superlink_port=args.port or free_port())
+    if config.model.quantization and all(node.gpu is None for node in topology.nodes):
+        # Every client would fail and every round keep the old adapter: stop before starting.
+        raise ConfigError(
+            f"model.quantization = {config.model.quantization}: needs CUDA GPUs, and this layout has none; "
+            "use model.quantization=0"
+        )
     print(topology.table())
     workdir = args.workdir or args.app / ".deploy"
     with ProcessDeployment(topology, workdir, os.environ, app_dir=args.app, run_config=sent) as deployment:
@@ -76,13 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _stack_config(args: argparse.Namespace) -> tuple[dict, AppConfig]:
     """The overrides a stack's trainers and `submit` service run with, checked."""
-    return resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+    return resolve_run_config(args.app, parse_overrides(args.run_config))
 
 
 def _topology(args: argparse.Namespace) -> Topology:
     """Paths in a stack's run config are the containers' (e.g. /demo/model): only the
     layout's own settings are read here, the app checks the rest where it runs."""
-    overrides = parse_config_args([args.run_config] if args.run_config else None)
+    overrides = parse_overrides(args.run_config)
     layout = {k: v for k, v in overrides.items() if k == "train.max-trainings-per-gpu"}
     _, config = resolve_run_config(args.app, layout)
     return _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)

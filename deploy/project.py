@@ -11,9 +11,27 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, parse_config_args
 
-from app.config import AppConfig, is_local_path
+from app.config import AppConfig, ConfigError, is_local_path
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """`--run-config` text (or a .toml file) as a dict, with one line for what Flower's
+    parser rejects, and no way around the static leaderboard settings."""
+    if not text:
+        return {}
+    try:
+        overrides = parse_config_args([text])
+    except Exception:  # click's ClickException, a TOML error: the text is not key=value pairs
+        raise ConfigError(
+            f"--run-config {text!r}: expected space-separated key=value pairs; "
+            'strings need quotes, e.g. model.name="org/model" model.lora.peft-lora-alpha=16'
+        ) from None
+    static = sorted(k for k in overrides if k.startswith("static."))
+    if static:
+        raise ConfigError(f"{static[0]}: a static leaderboard setting; it cannot be overridden")
+    return overrides
 
 
 def default_run_config(app_dir: Path) -> dict[str, Any]:

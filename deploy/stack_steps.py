@@ -12,20 +12,19 @@ import os
 import sys
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
 
 from app.trainer_service import TrainerSpec, supervise
 from deploy.backends.docker import prepare_host_folder
 from deploy.errors import DeployError
 from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
-from deploy.project import resolve_run_config
+from deploy.project import parse_overrides, resolve_run_config
 from deploy.tls import make_certificates, make_node_keys, make_superexec_secret
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
     """What each backend runs per GPU: the warm trainers for its SuperNodes, until stopped."""
-    _, config = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+    _, config = resolve_run_config(args.app, parse_overrides(args.run_config))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     supervise(TrainerSpec(args.dir, args.home, args.count, config.model, config.train, args.cache_partitions))
     return 0
@@ -33,7 +32,7 @@ def cmd_trainer(args: argparse.Namespace) -> int:
 
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     """Run once per host before its SuperNodes start, so 20 nodes share one download."""
-    overrides = parse_config_args([args.run_config] if args.run_config else None)
+    overrides = parse_overrides(args.run_config)
     if args.model:
         overrides["model.name"] = args.model
     _, config = resolve_run_config(args.app, overrides)  # checks a local folder
@@ -77,7 +76,7 @@ def cmd_register_nodes(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """What compose's one-shot `submit` service runs: the seed job, with the app's defaults."""
-    sent, _ = resolve_run_config(args.app, parse_config_args([args.run_config] if args.run_config else None))
+    sent, _ = resolve_run_config(args.app, parse_overrides(args.run_config))
     cli = _stack_cli(args.superlink, None if args.insecure else Path(args.root_certificates))
     cli.wait_for_nodes(args.nodes, timeout=args.timeout, alive=lambda: None)
     status = cli.run_to_completion(args.app, sent, cli.flwr_home)

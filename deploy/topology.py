@@ -7,6 +7,7 @@ the layout, so every backend runs the same federation.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,6 +21,10 @@ class LayoutError(ValueError):
     """A layout request that cannot be honoured; the message is one line."""
 
 
+# A DNS name or an IPv4 address: it becomes a compose file name, a certificate name and an address.
+HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 @dataclass(frozen=True)
 class Host:
     """A machine and the GPU ids it lends to SuperNodes; no GPUs means CPU-only nodes."""
@@ -31,8 +36,11 @@ class Host:
     def parse(cls, text: str) -> "Host":
         """`NAME` or `NAME=0,1,3` (GPU ids), as typed on the command line."""
         name, _, gpus = text.partition("=")
-        if not name.strip():
-            raise LayoutError(f"--host {text!r}: expected NAME or NAME=GPU,GPU,...")
+        if not HOSTNAME.fullmatch(name.strip()):
+            raise LayoutError(
+                f"--host {text!r}: expected NAME or NAME=GPU,GPU,..., NAME a host name or IP "
+                "(letters, digits, '.', '-'; it names compose files and certificates)"
+            )
         return cls(name.strip(), parse_gpus(gpus) if gpus.strip() else ())
 
 
@@ -115,10 +123,12 @@ class Topology:
 
 
 def parse_gpus(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
     try:
-        gpus = tuple(int(g) for g in text.split(",") if g.strip())
+        gpus = tuple(int(g) for g in text.split(","))
     except ValueError:
-        raise LayoutError(f"--gpus {text!r}: expected GPU ids such as 0,1,2,3") from None
+        raise LayoutError(f"--gpus {text!r}: expected GPU ids such as 0,1,2,3 (or '' for the CPU)") from None
     if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
         raise LayoutError(f"--gpus {text!r}: GPU ids must be distinct integers >= 0")
     return gpus
@@ -164,4 +174,8 @@ def plan(
         if (count := trainers_per_gpu(h, nodes_per_round, trainers))
         for g in (h.gpus or (None,))
     )
+    if superlink_address is not None and not HOSTNAME.fullmatch(superlink_address):
+        raise LayoutError(
+            f"--superlink-address {superlink_address!r}: expected a host name or IP without a port (the port is --port)"
+        )
     return Topology(tuple(hosts), nodes, superlink_address or hosts[0].name, superlink_port, groups)

@@ -41,6 +41,10 @@ def test_plan_prints_node_partition_host_gpu_trainer():
         (["--run-config", "model.quantization=3"], "error: model.quantization = 3: must be one of 0, 4, 8"),
         (["--run-config", "no.such-key=1"], "error: no.such-key: not a setting of this app; see"),
         (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
+        (["--gpus", ","], "error: --gpus ',': expected GPU ids such as 0,1,2,3 (or '' for the CPU)"),
+        (["--run-config", "model.lora.peft-lora-alpha=sixteen"], "error: --run-config 'model.name="),
+        (["--run-config", "static.strategy.fraction-train=0.15"], "error: static.strategy.fraction-train: a static leaderboard setting; it cannot be overridden"),
+        (["--run-config", "model.quantization=4"], "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0"),
     ],
 )
 def test_bad_input_stops_before_anything_starts(demo, args, message):

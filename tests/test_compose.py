@@ -107,10 +107,21 @@ def test_the_docker_sdk_backend_translates_every_key_we_render():
 
 
 def test_layout_errors_are_one_line():
-    with pytest.raises(LayoutError, match=r"^--gpus '0,x': expected GPU ids such as 0,1,2,3$"):
+    with pytest.raises(LayoutError, match=r"^--gpus '0,x': expected GPU ids such as 0,1,2,3 \(or '' for the CPU\)$"):
         parse_gpus("0,x")
+    with pytest.raises(LayoutError, match=r"^--gpus ',': expected GPU ids"):
+        parse_gpus(",")  # once silently the CPU
+    assert parse_gpus("") == parse_gpus(" ") == ()
     with pytest.raises(LayoutError, match="distinct"):
         plan(NODES, [Host("a"), Host("a")])
+    for bad in ("a;rm -rf ~", "b$(id)", "../../escaped=1", "two words", "-lead"):
+        with pytest.raises(LayoutError, match=r"^--host .*: expected NAME or NAME=GPU,GPU,\.\.\., NAME a host name or IP"):
+            Host.parse(bad)
+    assert Host.parse("gpu-box-2.example.org=0,1") == Host("gpu-box-2.example.org", (0, 1))
+    assert Host.parse("10.0.0.5").name == "10.0.0.5"
+    for bad in ("not a host!!:::", "10.0.0.5:9999"):
+        with pytest.raises(LayoutError, match=r"^--superlink-address .*: expected a host name or IP without a port"):
+            plan(NODES, [Host("a")], superlink_address=bad)
 
 
 def test_committed_compose_yaml_is_the_rendered_default(tmp_path):

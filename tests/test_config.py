@@ -95,6 +95,9 @@ def test_demo_config_is_valid(run_config):
         ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
         ("dataset.data-files", "/no/such.json", "dataset.data-files = '/no/such.json': no such file"),
         ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
+        ("static.strategy.fraction-train", 0.15, "static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1"),
+        ("static.dataset.num-partitions", 10, "static.dataset.num-partitions = 10: a static leaderboard setting, fixed at 20"),
+        ("static.dataset.name", "org/other", "static.dataset.name = 'org/other': a static leaderboard setting, fixed at 'vicgalle/alpaca-gpt4'"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(run_config, key, value, message):

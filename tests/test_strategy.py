@@ -79,6 +79,7 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
         reply(13, wrong_keys),
         reply(14, wrong_shape),
         reply(15, good, examples=0),
+        reply(19, {k: v.clone() for k, v in good.items()}, **{"train-loss": float("nan")}),
         reply(17, unpacked),
         reply(18, garbage),
         crashed,
@@ -95,7 +96,8 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     report = reports[0]
     assert [c["node-id"] for c in report.clients] == [11]
     reasons = {r["node-id"]: r["reason"] for r in report.rejected}
-    assert set(reasons) == {12, 13, 14, 15, 17, 18}
+    assert set(reasons) == {12, 13, 14, 15, 17, 18, 19}
+    assert reasons[19] == "metric train-loss = nan is not a finite number"
     assert "NaN" in reasons[12] and "[5, 12]" in reasons[14]
     assert reasons[13] == f"adapter keys differ: missing {KEYS[0]}, unexpected other.lora_A.weight"
     assert "num-examples" in reasons[15]
