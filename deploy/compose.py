@@ -101,8 +101,16 @@ def _certs_volume(options: RenderOptions) -> list[str]:
     return [] if options.insecure else [f"{options.certs_dir}:{CERTS}:ro"]
 
 
+def _image(image: str) -> dict[str, Any]:
+    """The image and how to build it, so a plain `docker compose up` in the app folder builds
+    what it lacks (from docker/wheelhouse if filled, else the package index) instead of
+    trying to pull our tags from a registry."""
+    target = "superlink" if image == SUPERLINK_IMAGE else "app"
+    return {"image": image, "build": {"context": ".", "dockerfile": "docker/Dockerfile", "target": target}}
+
+
 def _common(image: str) -> dict[str, Any]:
-    return {"image": image, "restart": "unless-stopped", "init": True}
+    return {**_image(image), "restart": "unless-stopped", "init": True}
 
 
 def _setup(topology: Topology, options: RenderOptions) -> dict[str, Any]:
@@ -115,13 +123,13 @@ def _setup(topology: Topology, options: RenderOptions) -> dict[str, Any]:
         command += ["--certs", "/setup/certs", "--keys", "/setup/keys", "--nodes", str(len(topology.nodes))]
         command += [a for n in names for a in ("--name", n)]
         volumes += [f"{options.certs_dir}:/setup/certs", f"{options.keys_dir}:/setup/keys"]
-    return {"image": APP_IMAGE, "user": "0:0", "command": command, "volumes": volumes, "restart": "no"}
+    return {**_image(APP_IMAGE), "user": "0:0", "command": command, "volumes": volumes, "restart": "no"}
 
 
 def _register_nodes(target: str, options: RenderOptions) -> dict[str, Any]:
     """One-shot: registers every SuperNode's public key, so only those nodes may join."""
     return {
-        "image": APP_IMAGE,
+        **_image(APP_IMAGE),
         "command": [
             "python", "-m", "deploy", "register-nodes",
             "--superlink", target,
@@ -138,7 +146,7 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
     """One-shot: waits for every SuperNode, submits the app in /app, streams its log."""
     tls = ["--insecure"] if options.insecure else ["--root-certificates", f"{CERTS}/ca.crt"]
     return {
-        "image": APP_IMAGE,
+        **_image(APP_IMAGE),
         "command": [
             "python", "-m", "deploy", "--app", "/app", "submit",
             "--superlink", target,
@@ -184,7 +192,7 @@ def _model_fetch(options: RenderOptions) -> dict[str, Any]:
     """Fills each host's shared cache with the model and dataset once, before its SuperNodes and
     trainers start; the token comes from the user's shell only."""
     return {
-        "image": APP_IMAGE,
+        **_image(APP_IMAGE),
         "command": [
             "python", "-m", "deploy", "--app", "/app", "fetch-model",
             *(["--model", options.model] if options.model else []),

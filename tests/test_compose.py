@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from deploy.cli import main
-from deploy.compose import RenderOptions, render, write
+from deploy.compose import SUPERLINK_IMAGE, RenderOptions, render, write
 from deploy.topology import Host, LayoutError, parse_gpus, plan
 from tests.conftest import ROOT
 
@@ -139,3 +139,11 @@ def test_docker_compose_accepts_every_rendered_file(hosts, tmp_path, docker_engi
     for path in write(plan(NODES, hosts), tmp_path):
         done = subprocess.run(["docker", "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True)
         assert done.returncode == 0, f"{path.name}: {done.stderr}"
+
+
+def test_every_service_says_how_to_build_its_image():
+    """Plain `docker compose up` on a fresh clone builds our images instead of pulling them."""
+    for document in render(plan(NODES, [Host("a", (0, 1)), Host("b", (0,))])).values():
+        for name, service in document["services"].items():
+            target = "superlink" if service["image"] == SUPERLINK_IMAGE else "app"
+            assert service["build"] == {"context": ".", "dockerfile": "docker/Dockerfile", "target": target}, name

@@ -22,8 +22,10 @@ from deploy.errors import DeployError
 
 LABEL = "flowertune-deploy.project"
 # The compose keys this backend translates; any other key would be silently lost, so it fails.
+# `build` is compose's own way to the images; `deploy up` builds them itself (deploy/images.py).
 HANDLED_KEYS = frozenset(
-    {"image", "command", "environment", "volumes", "restart", "init", "user", "ports", "healthcheck", "deploy", "depends_on"}
+    {"image", "build", "command", "environment", "volumes", "restart", "init", "user", "ports", "healthcheck", "deploy",
+     "depends_on"}
 )
 IMAGE_UID = 1000
 
