@@ -54,8 +54,10 @@ class RunRecorder:
         (folder / SETTINGS_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str))
         self.metrics_file = folder / "metrics.jsonl"
         self._started = time.monotonic()
+        self.rounds_aggregated = 0
 
     def __call__(self, report: RoundReport) -> None:
+        self.rounds_aggregated += bool(report.clients)
         saved = None
         start = time.perf_counter()
         if report.arrays is not None and (

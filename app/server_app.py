@@ -43,3 +43,9 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=config.strategy.num_rounds,
         train_config=ConfigRecord(),
     )
+    if recorder.rounds_aggregated == 0:
+        # A run that trained nothing must not end "completed": the adapter is the initial one.
+        raise RuntimeError(
+            f"no round aggregated an update: every client of all {config.strategy.num_rounds} rounds failed "
+            f"or was rejected (reasons in {recorder.metrics_file})"
+        )

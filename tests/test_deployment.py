@@ -149,6 +149,17 @@ def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
         shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
+def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, tmp_path):
+    """4-bit on CPU nodes, sent past the deploy tool's own check as a plain `flwr run` would."""
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1, "results.dir": str(tmp_path)})
+    run_id = deployment.cli.submit(ROOT, {**sent, "model.quantization": 4}, deployment.workdir)
+    status, details = deployment.cli.wait_finished(run_id, timeout=300)
+    assert status != "finished:completed", details
+    (run_dir,) = tmp_path.glob("*-run*")
+    (line,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert line["clients"] == [] and len(line["failed"]) == 2
+
+
 def test_stopping_leaves_no_process(deployment):
     """Every process group we started, with the SuperExec, ClientApp and trainer processes in it.
 
