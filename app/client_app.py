@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from app.config import AppConfig, NodeSettings
 from app.trainer_client import train_remotely
+from app.trainer_protocol import trainer_gpu
 from app.wire import pack, pack_bytes, packed_bytes, unpack
 
 app = ClientApp()
@@ -48,7 +49,7 @@ def train(msg: Message, context: Context) -> Message:
             **reply.metrics,
             "queue-seconds": reply.queue_seconds,
             "trainer-overflow": int(reply.overflow),
-            "gpu": int(reply.trainer[3:].split("-")[0]) if reply.trainer.startswith("gpu") else -1,
+            "gpu": trainer_gpu(reply.trainer),
         }
     metrics = {**metrics, "partition-id": node.partition_id, "client-seconds": time.perf_counter() - start}
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -165,6 +165,9 @@ class AppConfig:
     dataset: DatasetSettings
     strategy: StrategySettings
     results_dir: Path
+    # False: a run outside the leaderboard (another node count or fraction, e.g. a
+    # consortium's own federation or a scaling benchmark) that may change static.* keys.
+    leaderboard: bool = True
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
@@ -227,11 +230,15 @@ class AppConfig:
             ),
         )
         results_dir = Path(get("results.dir", str)).expanduser()
+        leaderboard = get("leaderboard", bool, allowed="true or false")
         check_keys(run_config, get.read)
         for key, fixed in LEADERBOARD.items():
-            if run_config[key] != fixed:
-                raise ConfigError(f"{key} = {run_config[key]!r}: a static leaderboard setting, fixed at {fixed!r}")
-        return cls(model, train, dataset, strategy, results_dir)
+            if leaderboard and run_config[key] != fixed:
+                raise ConfigError(
+                    f"{key} = {run_config[key]!r}: a static leaderboard setting, fixed at {fixed!r} "
+                    "(leaderboard=false allows it, for a run outside the leaderboard)"
+                )
+        return cls(model, train, dataset, strategy, results_dir, leaderboard)
 
 
 @dataclass(frozen=True)

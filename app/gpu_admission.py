@@ -50,8 +50,12 @@ def trainings_per_gpu(configured: int, model: ModelSettings, train: TrainSetting
     """`configured` > 0 wins; 0 means: as many as fit in MEMORY_SHARE of this GPU's memory."""
     if configured > 0:
         return configured
-    total = torch.cuda.get_device_properties(0).total_memory
-    return max(1, math.floor(MEMORY_SHARE * total / estimate_training_bytes(model, train)))
+    return max(1, trainings_that_fit(model, train, torch.cuda.get_device_properties(0).total_memory))
+
+
+def trainings_that_fit(model: ModelSettings, train: TrainSettings, gpu_bytes: int) -> int:
+    """How many trainings of `model` (its checkpointing resolved) fit MEMORY_SHARE of a GPU."""
+    return math.floor(MEMORY_SHARE * gpu_bytes / estimate_training_bytes(model, train))
 
 
 def visible_gpu_id() -> str:
@@ -79,15 +83,14 @@ def resolve_checkpointing(model: ModelSettings, train: TrainSettings, sharing: i
     if model.gradient_checkpointing is not None:
         return model
     off = replace(model, gradient_checkpointing=False)
-    fits = gpu_bytes is None or sharing * estimate_training_bytes(off, train) <= MEMORY_SHARE * gpu_bytes
+    fits = gpu_bytes is None or sharing <= trainings_that_fit(off, train, gpu_bytes)
     return replace(model, gradient_checkpointing=not fits)
 
 
 def check_fits(model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None) -> None:
     """`sharing` trainers that cannot all train at once would fail mid-round: say so at start."""
-    need = estimate_training_bytes(model, train)
-    if gpu_bytes is not None and sharing * need > MEMORY_SHARE * gpu_bytes:
-        fit = math.floor(MEMORY_SHARE * gpu_bytes / need)
+    if gpu_bytes is not None and sharing > (fit := trainings_that_fit(model, train, gpu_bytes)):
+        need = estimate_training_bytes(model, train)
         raise ConfigError(
             f"--trainers-per-gpu {sharing}: {sharing} trainers of about {need / GIB:.1f} GiB each do not fit this GPU's "
             f"{gpu_bytes / GIB:.0f} GiB; use at most {fit} (or train.max-trainings-per-gpu = {fit})"

@@ -51,9 +51,16 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "tokens": c["train-tokens"],
                         "bytes-to-client": c.get("bytes-to-client", 0),
                         "bytes-from-client": c.get("bytes-from-client", 0),
+                        # the handler's whole time, and what of it waited for a free trainer
+                        "client-seconds": round(c.get("client-seconds", c["train-seconds"]), 2),
+                        "queue-seconds": round(c.get("queue-seconds", 0.0), 2),
+                        "trainer-overflow": bool(c.get("trainer-overflow", False)),
+                        "peak-gpu-bytes": c.get("peak-gpu-bytes", 0),
                     }
                     for c in clients
                 ],
+                "bytes-to-clients": sum(c.get("bytes-to-client", 0) for c in clients),
+                "bytes-from-clients": sum(c.get("bytes-from-client", 0) for c in clients),
                 "rejected": len(r["rejected"]),
                 "failed": len(r["failed"]),
                 "checkpoint": r["checkpoint"],
@@ -67,8 +74,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     rows = round_rows(read_rounds(run_dir))
     clients = [c for r in rows for c in r["clients"]]
-    to_clients = sum(c["bytes-to-client"] for c in clients)
-    from_clients = sum(c["bytes-from-client"] for c in clients)
+    to_clients = sum(r["bytes-to-clients"] for r in rows)
+    from_clients = sum(r["bytes-from-clients"] for r in rows)
     earlier = run_dir / SUMMARY_JSON
     evaluation = json.loads(earlier.read_text()).get("evaluation", {}) if earlier.is_file() else {}
     return {
@@ -102,6 +109,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# Run {summary['run']}",
         "",
         f"- model: `{model.get('name', '?')}`, aggregation: {'FlexLoRA' if strategy.get('use_flexlora') else 'FedAvg'}",
+        "- leaderboard settings: " + ("pinned" if summary["settings"].get("leaderboard", True) else
+                                      "**off** (leaderboard=false: not comparable with the FlowerTune leaderboard)"),
         f"- rounds: {summary['rounds-completed']} of {summary['rounds-planned']}, final aggregate loss: "
         + (f"{summary['final-loss']:.4f}" if summary["final-loss"] is not None else "none"),
         f"- time: {summary['seconds-total']:.1f} s = training {s['training']:.1f} + aggregation and checkpoints "
@@ -118,12 +127,10 @@ def markdown(summary: dict[str, Any]) -> str:
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary["rounds"]:
         clients = "; ".join(f"{c['partition-id']}: {c['loss']:.3f}, {c['seconds']:.1f} s" for c in r["clients"])
-        down = sum(c["bytes-to-client"] for c in r["clients"])
-        up = sum(c["bytes-from-client"] for c in r["clients"])
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "kept"
         lines.append(
             f"| {r['round']} | {r['seconds']:.1f} | {r['training']:.1f} | {r['aggregation']:.2f} | {r['other']:.1f} "
-            f"| {loss} | {clients or 'none'} | {down:,} / {up:,} |"
+            f"| {loss} | {clients or 'none'} | {r['bytes-to-clients']:,} / {r['bytes-from-clients']:,} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -203,9 +210,7 @@ def progress_line(summary: dict[str, Any]) -> str:
         for c in row["clients"]
     ) or "no update"
     loss = f"{row['loss']:.4f}" if row["loss"] is not None else "adapter kept"
-    down = sum(c["bytes-to-client"] for c in row["clients"])
-    up = sum(c["bytes-from-client"] for c in row["clients"])
     return (
         f"round {done}/{planned}: {clients}; aggregate loss {loss}; {row['seconds']:.1f} s, elapsed {elapsed:.0f} s, "
-        f"ETA {eta:.0f} s; {_size(down)} sent, {_size(up)} received"
+        f"ETA {eta:.0f} s; {_size(row['bytes-to-clients'])} sent, {_size(row['bytes-from-clients'])} received"
     )

@@ -31,6 +31,17 @@ def code_version(app_dir: Path = APP_DIR) -> str:
     return digest.hexdigest()[:12]
 
 
+def trainer_home(gpu: int | None) -> str:
+    """What a node's `trainer-home` and its trainers' names say: `gpu<g>`, or `cpu`."""
+    return "cpu" if gpu is None else f"gpu{gpu}"
+
+
+def trainer_gpu(name: str) -> int:
+    """The GPU a trainer named by `trainer_name` trains on; -1 on the CPU."""
+    home = name.split("-")[0]
+    return int(home[3:]) if home.startswith("gpu") else -1
+
+
 def trainer_name(home: str, index: int) -> str:
     """`gpu0-1`: the second trainer of GPU 0; `home` is what a node's `trainer-home` names."""
     return f"{home}-{index}"

@@ -12,6 +12,7 @@ in and out), `aggregation` (FedAvg/FlexLoRA plus any checkpoint) and `exchange` 
 Flower's polling, ClientApp process start and imports, message transfer).
 
     python bench/round_bench.py --label warm-1gpu --gpus 0 --model DIR --data FILE --runs fedavg,flexlora --json OUT.json
+    python bench/round_bench.py --label scale-4gpu --gpus 0,1,2,3 --fit-trainers --runs fedavg,fedavg@0.5 ...
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import statistics
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from app.report import round_rows as report_rows
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.project import resolve_run_config
-from deploy.topology import Host, parse_gpus, plan
+from deploy.topology import Host, parse_gpus, plan, trainers_per_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -50,6 +53,12 @@ class GpuSampler:
         self._stop.set()
         self._thread.join(5)
 
+    def take(self, gpus: list[int]) -> dict[str, int]:
+        """Peaks of `gpus` since the last take, and start again: one figure per run."""
+        peaks = {k: v for k, v in self.gpus.items() if int(k) in gpus}
+        self.gpus.clear()
+        return peaks
+
     def _run(self) -> None:
         while not self._stop.wait(1.0):
             for query, into in (
@@ -69,35 +78,29 @@ class GpuSampler:
 
 
 def round_rows(metrics: list[dict]) -> list[dict]:
-    rows, previous = [], 0.0
-    for r in metrics:
-        seconds = r["elapsed-seconds"] - previous
-        previous = r["elapsed-seconds"]
-        clients = r["clients"]
+    """The run report's rows (`app.report.round_rows`), with the slowest client's time
+    split into client start (queueing for a trainer, handshake, adapter in and out) and
+    exchange (everything outside the ClientApp handler)."""
+    rows = []
+    for row in report_rows(metrics):
+        clients = row["clients"]
         slowest = max(clients, key=lambda c: c["client-seconds"]) if clients else None
-        aggregation = r["aggregate-seconds"] + r["checkpoint-seconds"]
-        training = max((c["train-seconds"] for c in clients), default=0.0)
         client = slowest["client-seconds"] if slowest else 0.0
         rows.append(
             {
-                "round": r["round"],
-                "seconds": round(seconds, 2),
-                "training": round(training, 2),
-                "client-start": round(client - slowest["train-seconds"], 2) if slowest else None,
-                "aggregation": round(aggregation, 3),
-                "exchange": round(seconds - client - aggregation, 2),
-                "failed": len(r["failed"]),
+                **{k: row[k] for k in ("round", "seconds", "training", "aggregation", "failed")},
+                "client-start": round(client - slowest["seconds"], 2) if slowest else None,
+                "exchange": round(row["seconds"] - client - row["aggregation"], 2),
                 "clients": [
                     {
                         "partition-id": c["partition-id"],
-                        "train-seconds": round(c["train-seconds"], 2),
-                        "prepare-seconds": round(c["prepare-seconds"], 2),
-                        "queue-seconds": round(c.get("queue-seconds", 0.0), 2),
-                        "tokens-per-second": round(c["train-tokens"] / c["train-seconds"], 1),
+                        "gpu": c["gpu"],
+                        "train-seconds": c["seconds"],
+                        "queue-seconds": c["queue-seconds"],
+                        "tokens-per-second": round(c["tokens"] / c["seconds"], 1),
                         "peak-allocated-gib": round(c["peak-gpu-bytes"] / GIB, 2),
-                        "train-loss": round(c["train-loss"], 4),
-                        "trainer-pid": c.get("trainer-pid"),
-                        "trainer-overflow": c.get("trainer-overflow"),
+                        "train-loss": round(c["loss"], 4),
+                        "trainer-overflow": c["trainer-overflow"],
                     }
                     for c in clients
                 ],
@@ -115,6 +118,7 @@ def summary(rows: list[dict], startup: float) -> dict:
         "median-round-seconds": round(median, 2),
         "median-training-seconds": round(statistics.median(r["training"] for r in measured), 2),
         "median-non-training-share": round(non_training, 3),
+        "clients-measured": sum(len(r["clients"]) for r in measured),
         "queued-clients": sum(1 for r in measured for c in r["clients"] if c["queue-seconds"] > 0.5),
         "overflow-clients": sum(1 for r in measured for c in r["clients"] if c["trainer-overflow"]),
         "extrapolated-10-round-job-seconds": round(startup + rows[0]["seconds"] + 9 * median, 1),
@@ -122,14 +126,43 @@ def summary(rows: list[dict], startup: float) -> dict:
     }
 
 
+def parse_runs(text: str) -> list[tuple[str, float | None]]:
+    """`fedavg,flexlora,fedavg@0.5`: aggregation, and a fraction other than the leaderboard's."""
+    runs = []
+    for spec in text.split(","):
+        name, _, fraction = spec.partition("@")
+        if name not in ("fedavg", "flexlora"):
+            raise SystemExit(f"--runs {text!r}: {name!r} is not fedavg or flexlora")
+        runs.append((name, float(fraction) if fraction else None))
+    return runs
+
+
+def trainers_that_fit(config, gpus: list[int]) -> int:
+    """How many trainers fit the smallest of `gpus` without gradient checkpointing (the
+    faster mode), by the trainer service's own rule and the memory torch sees."""
+    import torch
+
+    from app.gpu_admission import trainings_that_fit
+
+    total = min(torch.cuda.get_device_properties(g).total_memory for g in gpus)
+    return max(1, trainings_that_fit(replace(config.model, gradient_checkpointing=False), config.train, total))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", required=True)
     ap.add_argument("--gpus", required=True)
     ap.add_argument("--trainers-per-gpu", type=int, help="0: train inside each ClientApp (default: the layout's)")
+    ap.add_argument(
+        "--fit-trainers", action="store_true",
+        help="cap the layout's trainers per GPU at what fits without gradient checkpointing",
+    )
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--runs", default="fedavg", help="comma-separated: fedavg, flexlora")
+    ap.add_argument(
+        "--runs", default="fedavg",
+        help="comma-separated fedavg|flexlora[@FRACTION]; a fraction runs with leaderboard=false",
+    )
     ap.add_argument("--rounds", type=int, default=4, help="per run; the first is the warm-up")
     ap.add_argument("--run-config", default="", help="extra overrides, 'key=value ...'")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/round-bench"))
@@ -138,41 +171,57 @@ def main() -> None:
 
     from flwr.common.config import parse_config_args
 
+    runs = parse_runs(args.runs)
+    gpus = parse_gpus(args.gpus)
     base = {"model.name": args.model, "dataset.data-files": args.data, "num-server-rounds": args.rounds}
     base.update(parse_config_args([args.run_config]) if args.run_config else {})
     sent, config = resolve_run_config(ROOT, base)
     nodes = config.dataset.num_partitions
-    topology = plan(
-        nodes, [Host("localhost", parse_gpus(args.gpus))], superlink_port=free_port(),
-        nodes_per_round=config.strategy.nodes_per_round(nodes), trainers=args.trainers_per_gpu,
+    # The deployment serves every run: its trainers are laid out for the largest fraction.
+    per_round = max(
+        config.strategy.nodes_per_round(nodes) if f is None else max(1, int(f * nodes)) for _, f in runs
     )
-    result: dict = {"label": args.label, "gpus": args.gpus, "layout": topology.table().splitlines()[:3], "runs": {}}
+    host = Host("localhost", gpus)
+    trainers = args.trainers_per_gpu
+    if args.fit_trainers:
+        trainers = min(trainers_per_gpu(host, per_round, None), trainers_that_fit(config, gpus))
+    topology = plan(nodes, [host], superlink_port=free_port(), nodes_per_round=per_round, trainers=trainers)
+    result: dict = {
+        "label": args.label, "gpus": args.gpus, "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
+        "layout": topology.table().splitlines()[:3], "runs": {},
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with GpuSampler() as sampler:
         start = time.monotonic()
         with ProcessDeployment(topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent) as deployment:
             result["startup-seconds"] = round(time.monotonic() - start, 1)
-            print(f"[{args.label}] deployment up in {result['startup-seconds']} s", flush=True)
-            for name in args.runs.split(","):
-                results = args.workdir / args.label / f"results-{name}"
+            print(f"[{args.label}] deployment up in {result['startup-seconds']} s, {result['trainers-per-gpu']} trainers per GPU", flush=True)
+            sampler.take(gpus)
+            for name, fraction in runs:
+                key = name if fraction is None else f"{name}@{fraction}"
+                results = args.workdir / args.label / f"results-{key}"
                 overrides = {**sent, "strategy.use-flexlora": int(name == "flexlora"), "results.dir": str(results)}
+                if fraction is not None:
+                    overrides.update({"leaderboard": False, "static.strategy.fraction-train": fraction})
                 run_id = deployment.cli.submit(ROOT, overrides, args.workdir / args.label)
                 status, details = deployment.cli.wait_finished(run_id, timeout=3600)
                 if status != "finished:completed":
-                    raise SystemExit(f"[{args.label} {name}] run {run_id}: {status} {details}")
-                (run_dir,) = results.glob("*-run*")
+                    raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
+                (run_dir,) = results.glob(f"*-run{run_id}")
                 metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 rows = round_rows(metrics)
-                result["runs"][name] = {"status": status, "rounds": rows, **summary(rows, result["startup-seconds"])}
+                result["runs"][key] = {
+                    "status": status, "fraction": fraction or config.strategy.fraction_train, "rounds": rows,
+                    **summary(rows, result["startup-seconds"]), "peak-gpu-mib": sampler.take(gpus),
+                }
                 for r in rows:
                     print(
-                        f"[{args.label} {name}] round {r['round']}: {r['seconds']} s = training {r['training']} + "
+                        f"[{args.label} {key}] round {r['round']}: {r['seconds']} s = training {r['training']} + "
                         f"client start {r['client-start']} + aggregation {r['aggregation']} + exchange {r['exchange']}",
                         flush=True,
                     )
-                print(f"[{args.label} {name}] {status} {details}; median {result['runs'][name]['median-round-seconds']} s", flush=True)
+                print(f"[{args.label} {key}] {status} {details}; median {result['runs'][key]['median-round-seconds']} s", flush=True)
                 args.json.write_text(json.dumps(result, indent=1))
-    result["peak-gpu-mib"] = sampler.gpus
     result["peak-process-mib"] = sampler.processes
     args.json.write_text(json.dumps(result, indent=1))
 

@@ -18,7 +18,7 @@ from app.config import AppConfig, ConfigError, is_local_path
 
 def parse_overrides(text: str | None) -> dict[str, Any]:
     """`--run-config` text (or a .toml file) as a dict, with one line for what Flower's
-    parser rejects, and no way around the static leaderboard settings."""
+    parser rejects; the values themselves are checked by `resolve_run_config`."""
     if not text:
         return {}
     try:
@@ -28,9 +28,6 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
             f"--run-config {text!r}: expected space-separated key=value pairs; "
             'strings need quotes, e.g. model.name="org/model" model.lora.peft-lora-alpha=16'
         ) from None
-    static = sorted(k for k in overrides if k.startswith("static."))
-    if static:
-        raise ConfigError(f"{static[0]}: a static leaderboard setting; it cannot be overridden")
     return overrides
 
 

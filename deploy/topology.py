@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from app.trainer_protocol import trainer_home
+
 DEFAULT_PORT = 8000  # Flower 1.42 serves Fleet, Control and Runtime APIs on this one port
 # Flower's own setting: a SuperNode's SuperExec looks for a new message to run every 1 s by
 # default; a round with a warm trainer is short enough that the wait shows.
@@ -42,11 +44,6 @@ class Host:
                 "(letters, digits, '.', '-'; it names compose files and certificates)"
             )
         return cls(name.strip(), parse_gpus(gpus) if gpus.strip() else ())
-
-
-def trainer_home(gpu: int | None) -> str:
-    """What a node's `trainer-home` and its trainers' names say: `gpu<g>`, or `cpu`."""
-    return "cpu" if gpu is None else f"gpu{gpu}"
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def test_plan_prints_node_partition_host_gpu_trainer():
         (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
         (["--gpus", ","], "error: --gpus ',': expected GPU ids such as 0,1,2,3 (or '' for the CPU)"),
         (["--run-config", "model.lora.peft-lora-alpha=sixteen"], "error: --run-config 'model.name="),
-        (["--run-config", "static.strategy.fraction-train=0.15"], "error: static.strategy.fraction-train: a static leaderboard setting; it cannot be overridden"),
+        (["--run-config", "static.strategy.fraction-train=0.15"], "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 (leaderboard=false allows it"),
         (["--run-config", "model.quantization=4"], "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0"),
     ],
 )

@@ -87,6 +87,7 @@ def test_demo_config_is_valid(run_config):
         ("static.strategy.fraction-train", 1.5, "static.strategy.fraction-train = 1.5: must be a number in (0, 1]"),
         ("static.strategy.fraction-train", 0.0, "static.strategy.fraction-train = 0.0: must be a number in (0, 1]"),
         ("model.quantization", 3, "model.quantization = 3: must be one of 0, 4, 8"),
+        ("leaderboard", "no", "leaderboard = 'no': must be true or false"),
         ("model.quantization", "4", "model.quantization = '4': must be one of 0, 4, 8"),
         ("strategy.use-flexlora", 2, "strategy.use-flexlora = 2: must be 0 (FedAvg) or 1 (FlexLoRA)"),
         ("model.gradient-checkpointing", 1, 'model.gradient-checkpointing = 1: must be true, false or "auto"'),
@@ -106,6 +107,13 @@ def test_bad_values_name_key_value_and_allowed(run_config, key, value, message):
         AppConfig.from_run_config(run_config)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_a_run_outside_the_leaderboard_may_change_the_static_settings(run_config):
+    run_config.update({"leaderboard": False, "static.strategy.fraction-train": 0.5, "static.dataset.num-partitions": 5})
+    config = AppConfig.from_run_config(run_config)
+    assert not config.leaderboard
+    assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
 
 
 def test_missing_key(run_config):
