@@ -135,6 +135,15 @@ def _kill_when(log, marker: str, pid: int):
     return result
 
 
+def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
+    run_dir, rounds = run(
+        deployment, demo, tmp_path,
+        **{"num-server-rounds": 1, "leaderboard": False, "static.strategy.fraction-train": 0.15},
+    )
+    assert len(rounds[0]["clients"]) == 3  # int(0.15 * 20), where the leaderboard samples 2
+    assert "leaderboard settings: **off**" in (run_dir / "summary.md").read_text()
+
+
 def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
     """A plain `flwr run` sends results.dir as written; the ServerApp runs in the app folder."""
     relative = f"results/relative-test-{os.getpid()}-{'trainer' if deployment.topology.trainers else 'in-process'}"
