@@ -45,16 +45,16 @@ MEASURED_REV = "5f934c1"
 
 
 def _app_source(argv: list[str]) -> Path:
-    """Where `app` is imported from: a git revision of it, or the working tree with
-    --app-rev worktree. The default, MEASURED_REV, is the app the 4.1-7.2 s run used."""
+    """Where `app` is imported from: a git revision of it. The default, MEASURED_REV, is the
+    app the 4.1-7.2 s run used; the profile drives that revision's strategy and recorder,
+    so later revisions (whose RunRecorder takes an AppConfig) are not profiled here: the
+    deployment's own metrics (aggregate-seconds) time today's aggregation."""
     rev = MEASURED_REV
     for i, a in enumerate(argv):
         if a == "--app-rev" and i + 1 < len(argv):
             rev = argv[i + 1]
         elif a.startswith("--app-rev="):
             rev = a.split("=", 1)[1]
-    if rev == "worktree":
-        return REPO
     import subprocess
 
     dest = Path(tempfile.mkdtemp(prefix="profile_flexlora_app_"))
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ops-busy", type=int, default=0, help="also profile (cProfile, torch.profiler) under N busy processes")
     p.add_argument("--top", type=int, default=25, help="cProfile lines")
     p.add_argument("--no-flwr", action="store_true")
-    p.add_argument("--app-rev", default=MEASURED_REV, help="git revision of app/ to profile, or 'worktree'")
+    p.add_argument("--app-rev", default=MEASURED_REV, help="git revision of app/ to profile (one with the strategy API of MEASURED_REV)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
