@@ -152,6 +152,8 @@ class StrategySettings:
     fraction_train: float
     use_flexlora: bool
     flexlora_split: str = "reference"
+    # Seconds a round waits for its replies; a node that never answers costs at most this.
+    round_timeout: float = 600.0
 
     def nodes_per_round(self, num_nodes: int) -> int:
         """Flower's FedAvg samples int(fraction * available); never fewer than one."""
@@ -228,6 +230,7 @@ class AppConfig:
             flexlora_split=get(
                 "strategy.flexlora-split", str, lambda v: v in FLEXLORA_SPLITS, "one of " + ", ".join(FLEXLORA_SPLITS)
             ),
+            round_timeout=get("strategy.round-timeout", float, lambda v: 0 < v <= 86400, "seconds in (0, 86400]"),
         )
         results_dir = Path(get("results.dir", str)).expanduser()
         leaderboard = get("leaderboard", bool, allowed="true or false")

@@ -2,7 +2,9 @@
 
 Flower's deployment Grid looks for replies every 3 s, so each round ends up to 3 s after
 its last reply; with warm trainers that was a sizeable share of a ~20 s round. This
-wrapper keeps Flower's own push and pull calls and only looks more often.
+wrapper keeps Flower's own push and pull calls and only looks more often. It also
+remembers where each message went: the SuperLink answers for a node that went offline
+with an error reply from itself (node id 1), and the round must name the node.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, poll_seconds: float = POLL_SECONDS):
         self._grid = grid
         self._poll = poll_seconds
+        self._destinations: dict[str, int] = {}
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -45,7 +48,10 @@ class PromptGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Flower's contract: every reply, or those in by `timeout` seconds."""
-        waiting = set(self.push_messages(messages))
+        messages = list(messages)
+        ids = list(self.push_messages(messages))
+        self._destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages)))
+        waiting = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
@@ -56,3 +62,14 @@ class PromptGrid(Grid):
                 break
             time.sleep(self._poll)
         return replies
+
+    def node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the one its message was sent to."""
+        return self._destinations.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    def wait_for_nodes(self, count: int, timeout: float) -> int:
+        """Up to `timeout` s for `count` nodes to be online; returns how many are."""
+        deadline = time.monotonic() + timeout
+        while len(online := list(self.get_node_ids())) < count and time.monotonic() < deadline:
+            time.sleep(1.0)
+        return len(online)

@@ -7,8 +7,10 @@ It needs neither a GPU nor the base weights: the initial adapter comes from the 
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from app.checkpoint import RunRecorder, save_adapter
@@ -28,19 +30,28 @@ def main(grid: Grid, context: Context) -> None:
     initial = initial_adapter(config.model, config.train.seed)
     save_adapter(initial, config.model, run_dir / "round-0")
     num_nodes = config.dataset.num_partitions
+    per_round = config.strategy.nodes_per_round(num_nodes)
+    prompt = PromptGrid(grid)
+    # Round 1 samples from the whole federation if it connects in time; after that a
+    # round needs only its own nodes online, so a dead node never stalls the run.
+    online = prompt.wait_for_nodes(num_nodes, config.strategy.round_timeout)
+    if online < num_nodes:
+        log(WARNING, "%d of %d nodes online after %.0f s: sampling among those", online, num_nodes, config.strategy.round_timeout)
     strategy = FedAvgOrFlexLora(
         use_flexlora=config.strategy.use_flexlora,
         lora_rank=config.model.lora.r,
         flexlora_split=config.strategy.flexlora_split,
         on_round=recorder,
+        node_of=prompt.node_of,
         fraction_train=config.strategy.fraction_train,
-        min_train_nodes=config.strategy.nodes_per_round(num_nodes),
-        min_available_nodes=num_nodes,
+        min_train_nodes=per_round,
+        min_available_nodes=per_round,
     )
     strategy.start(
-        grid=PromptGrid(grid),
+        grid=prompt,
         initial_arrays=ArrayRecord(initial),
         num_rounds=config.strategy.num_rounds,
+        timeout=config.strategy.round_timeout,
         train_config=ConfigRecord(),
     )
     if recorder.rounds_aggregated == 0:

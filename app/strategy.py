@@ -49,6 +49,7 @@ class FedAvgOrFlexLora(FedAvg):
         lora_rank: int,
         flexlora_split: str,
         on_round: Callable[[RoundReport], None],
+        node_of: Callable[[Message], int] = lambda reply: reply.metadata.src_node_id,
         **fedavg_args: Any,
     ) -> None:
         super().__init__(
@@ -61,6 +62,10 @@ class FedAvgOrFlexLora(FedAvg):
         # The global adapter the round's updates must match, set when the round is configured.
         self.current: ArrayRecord | None = None
         self.sent_bytes = 0  # the packed global adapter each sampled node receives this round
+        self.node_of = node_of
+        self.sampled: list[int] = []  # this round's nodes, to name those that never answered
+        # Partition ids that nodes' replies have named, to name them again when they fail.
+        self.partitions: dict[int, int] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -69,16 +74,23 @@ class FedAvgOrFlexLora(FedAvg):
         self.current = arrays
         packed = pack(arrays)
         self.sent_bytes = len(packed_bytes(packed))
-        return super().configure_train(server_round, packed, config, grid)
+        messages = list(super().configure_train(server_round, packed, config, grid))
+        self.sampled = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        answered, errored = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        replies = list(replies)
+        answered, errored = self._check_and_log_replies(replies, is_train=True, validate=False)
+        replied = {self.node_of(m) for m in replies}
+        silent = [n for n in self.sampled if n not in replied]
         accepted, rejected = [], []
         received: dict[int, int] = {}
         for msg in answered:
             received[msg.metadata.src_node_id] = _payload_bytes(msg)
+            if (partition := _partition_of(msg)) is not None:
+                self.partitions[msg.metadata.src_node_id] = partition
             problem = self.unpack_reply(msg)
             problem = problem or self.find_problem(msg.content)
             if problem:
@@ -108,12 +120,18 @@ class FedAvgOrFlexLora(FedAvg):
                     for m in accepted
                 ],
                 rejected=rejected,
-                failed=[{"node-id": m.metadata.src_node_id, "reason": m.error.reason} for m in errored],
+                failed=[self.failure(self.node_of(m), m.error.reason) for m in errored]
+                + [self.failure(n, "no reply within strategy.round-timeout") for n in silent],
                 aggregate=dict(metrics) if metrics is not None else {},
                 aggregate_seconds=time.perf_counter() - start,
             )
         )
         return arrays, metrics
+
+    def failure(self, node: int, reason: str) -> dict[str, Any]:
+        partition = self.partitions.get(node)
+        log(WARNING, "Node %d (partition %s) failed: %s", node, "unknown" if partition is None else partition, reason)
+        return {"node-id": node, "partition-id": partition, "reason": reason}
 
     @staticmethod
     def unpack_reply(msg: Message) -> str | None:

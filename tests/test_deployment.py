@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -37,12 +38,12 @@ def deployment(request, demo, tmp_path_factory):
         yield started
 
 
-def run(deployment, demo, results, **overrides):
+def run(deployment, demo, results, timeout: float = 60, **overrides):
     """Submits a run of the tiny model and waits for it; returns its folder and rounds."""
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(results), **overrides})
     run_id = deployment.cli.submit(ROOT, sent, results)
     deployment.cli.stream_logs(run_id)
-    status, details = deployment.cli.wait_finished(run_id, timeout=60)
+    status, details = deployment.cli.wait_finished(run_id, timeout=timeout)
     assert status == "finished:completed", details
     (run_dir,) = results.glob("*-run*")
     return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -99,10 +100,10 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     train on the restarted trainer."""
     victim = ping(deployment.trainer_dir, TRAINER, timeout=10)["pid"]
     log = deployment.workdir / "logs" / "trainer-cpu.log"
-    killer = _kill_when(log, f"(pid {victim}): round 2, partition", victim)
+    killer = _kill_when(log, re.escape(f"(pid {victim}): round 2, partition"), lambda _: victim)
     # Long enough a training (a few seconds) that the kill lands inside it.
     run_dir, rounds = run(deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.training-arguments.max-steps": 40})
-    assert killer() is True
+    assert killer() is not None
     assert [len(r["clients"]) + len(r["failed"]) for r in rounds] == [2, 2, 2]
     assert len(rounds[1]["failed"]) == 1 and "ended during the request" in rounds[1]["failed"][0]["reason"]
     restarted = ping(deployment.trainer_dir, TRAINER, timeout=10)["pid"]
@@ -111,28 +112,65 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     assert_adapter_trained(demo, run_dir, final_round=3)
 
 
-def _kill_when(log, marker: str, pid: int):
-    """Watches what `log` gets from now on, in a thread; the returned call says whether the kill happened."""
-    killed: list[bool] = []
+def _kill_when(log, pattern: str, victim):
+    """Watches what `log` gets from now on, in a thread, for `pattern`; then SIGKILLs the
+    pid `victim(match)` names. The returned call gives that match (None: no kill)."""
+    killed: list[re.Match] = []
     start = len(log.read_text())
 
     def watch() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if marker in log.read_text()[start:]:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(True)
+            if match := re.search(pattern, log.read_text()[start:]):
+                os.kill(victim(match), signal.SIGKILL)
+                killed.append(match)
                 return
             time.sleep(0.05)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
 
-    def result() -> bool:
+    def result() -> re.Match | None:
         thread.join(10)
-        return bool(killed)
+        return killed[0] if killed else None
 
     return result
+
+
+def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(demo, tmp_path):
+    """Four nodes, every one sampled each round (leaderboard=false). In round 2 the node
+    whose partition is training is SIGKILLed: the round aggregates the other three and
+    records the failure under the node's own id and partition; the deployment restarts
+    the node, which rejoins under a new id and trains its partition in round 3."""
+    nodes = 4
+    overrides = {
+        **demo.run_config(), "leaderboard": False, "static.dataset.num-partitions": nodes,
+        "static.strategy.fraction-train": 1.0, "strategy.round-timeout": 45,
+        "train.training-arguments.max-steps": 40,  # a training of a few seconds, for the kill to land in
+    }
+    sent, _ = resolve_run_config(ROOT, overrides)
+    topology = plan(nodes, [Host("localhost")], superlink_port=free_port(), nodes_per_round=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with ProcessDeployment(topology, tmp_path / "deployment", env, app_dir=ROOT, run_config=sent) as deployment:
+        log = deployment.workdir / "logs" / "trainer-cpu.log"
+        killer = _kill_when(log, r"round 2, partition (\d+): training", lambda m: deployment.pid_of(f"supernode-{m[1]}"))
+        (tmp_path / "results").mkdir()
+        run_dir, rounds = run(deployment, demo, tmp_path / "results", timeout=300, **{**overrides, "num-server-rounds": 3})
+        match = killer()
+        assert match is not None
+        victim = int(match[1])
+        assert deployment.restarts() == {f"supernode-{victim}": 1}
+    by_partition = [{c["partition-id"]: c["node-id"] for c in r["clients"]} for r in rounds]
+    assert sorted(by_partition[0]) == list(range(nodes))
+    (failure,) = rounds[1]["failed"]
+    assert failure["node-id"] == by_partition[0][victim] and failure["partition-id"] == victim
+    assert sorted(by_partition[1]) == sorted(set(range(nodes)) - {victim})
+    assert sorted(by_partition[2]) == list(range(nodes))
+    assert by_partition[2][victim] != by_partition[0][victim], "the restarted node rejoins under a new id"
+    # Until Flower marks the dead id offline (two missed 30 s heartbeats) it may be sampled
+    # once more; its message then fails at once as unavailable, never stalling the round.
+    assert all(f["node-id"] == failure["node-id"] and "Node Unavailable" in f["reason"] for f in rounds[2]["failed"])
+    assert_adapter_trained(demo, run_dir, final_round=3)
 
 
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):

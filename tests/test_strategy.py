@@ -52,6 +52,18 @@ def test_fedavg_weights_by_example_count():
     assert reports[0].arrays is arrays
 
 
+def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition():
+    """Round 1: node 21 answers as partition 7. Round 2: it is sampled again and stays
+    silent past the round's timeout; the round names it, with the partition it had."""
+    strategy, reports = make_strategy()
+    strategy.sampled = [11, 21]
+    strategy.aggregate_train(1, [reply(11, adapter(1), **{"partition-id": 3}), reply(21, adapter(2), **{"partition-id": 7})])
+    strategy.aggregate_train(2, [reply(11, adapter(3), **{"partition-id": 3})])
+    assert reports[0].failed == []
+    assert reports[1].failed == [{"node-id": 21, "partition-id": 7, "reason": "no reply within strategy.round-timeout"}]
+    assert [c["node-id"] for c in reports[1].clients] == [11]
+
+
 def test_flexlora_keeps_shapes_and_reproduces_the_weighted_product():
     strategy, _ = make_strategy(use_flexlora=True)
     a = adapter(1, rank=4)
@@ -103,7 +115,7 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     assert "num-examples" in reasons[15]
     assert reasons[17].startswith(f"expected one array named {KEY}, got 2")
     assert reasons[18].startswith(f"{KEY} is not a safetensors file")
-    assert report.failed == [{"node-id": 16, "reason": "CUDA out of memory"}]
+    assert report.failed == [{"node-id": 16, "partition-id": None, "reason": "CUDA out of memory"}]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for node in (12, 13, 14, 15, 17, 18):
         assert f"Round 3: rejected the update of node {node}" in logged

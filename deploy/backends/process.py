@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
 TRAINER_TIMEOUT = 1800
+# A SuperNode that dies this soon after a start is restarted no sooner: one that cannot
+# start (a bad node config) retries every RESTART_BACKOFF seconds, not in a tight loop.
+RESTART_BACKOFF = 10.0
 
 
 def free_ports(count: int) -> list[int]:
@@ -55,10 +59,21 @@ class _Started:
     process: subprocess.Popen
     log_path: Path
     log: IO = field(repr=False)
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
 
 
 class ProcessDeployment:
-    """Use as a context manager: whatever happens inside, everything started is stopped."""
+    """Use as a context manager: whatever happens inside, everything started is stopped.
+
+    Once up, a watcher restarts any SuperNode that exits (a crash, an OOM kill, a stray
+    `kill -9`), as compose's restart policy does for the containers: the node rejoins
+    under a new node id with its partition, and the run samples it again. The SuperLink
+    and the trainer supervisors are not restarted here (the supervisors restart their
+    own trainers); `check_alive` reports them.
+    """
 
     def __init__(
         self,
@@ -84,6 +99,9 @@ class ProcessDeployment:
         self.app_dir = app_dir
         self.run_config = dict(run_config or {})
         self._started: list[_Started] = []
+        self._lock = threading.Lock()  # the watcher replaces entries of _started
+        self._stop_watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def __enter__(self) -> "ProcessDeployment":
         try:
@@ -138,6 +156,19 @@ class ProcessDeployment:
             )
         self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)
         self.wait_for_trainers(TRAINER_TIMEOUT)
+        self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, period: float = 1.0) -> None:
+        while not self._stop_watching.wait(period):
+            with self._lock:
+                for k, started in enumerate(self._started):
+                    if (
+                        started.name.startswith("supernode-")
+                        and (code := started.process.poll()) is not None
+                        and time.monotonic() - started.started_at >= RESTART_BACKOFF
+                    ):
+                        self._started[k] = self._restart(started, code)
 
     def _training_config(self, node) -> str:
         """Node config: the host's trainers and this node's own, or the in-process GPU locks."""
@@ -186,9 +217,14 @@ class ProcessDeployment:
     def _start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
         log_path = self.workdir / "logs" / f"{name}.log"
         log = log_path.open("w")
-        process = subprocess.Popen(
-            [str(self.bin_dir / argv[0]), *argv[1:]],
-            env={**self.env, **extra_env},
+        argv = [str(self.bin_dir / argv[0]), *argv[1:]]
+        env = {**self.env, **extra_env}
+        self._started.append(_Started(name, self._popen(argv, env, log), log_path, log, argv, env))
+
+    def _popen(self, argv: list[str], env: dict[str, str], log: IO) -> subprocess.Popen:
+        return subprocess.Popen(
+            argv,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -197,20 +233,47 @@ class ProcessDeployment:
             # `flwr run` lands in the app folder, as it does under `deploy run`.
             cwd=self.app_dir,
         )
-        self._started.append(_Started(name, process, log_path, log))
+
+    def _restart(self, started: _Started, code: int) -> _Started:
+        """The same command in the same FLWR_HOME; what the dead node left running beneath
+        it (a ClientApp mid-round) is killed first, so it cannot answer for the new node."""
+        _signal_group(started.process, signal.SIGKILL)
+        line = f"{started.name} exited with code {code}; restarted (restart {started.restarts + 1}, log: {started.log_path})"
+        started.log.write(f"\n=== deploy: {line}\n")
+        started.log.flush()
+        print(line, flush=True)
+        return _Started(
+            started.name, self._popen(started.argv, started.env, started.log), started.log_path, started.log,
+            started.argv, started.env, started.restarts + 1,
+        )
+
+    def restarts(self) -> dict[str, int]:
+        with self._lock:
+            return {s.name: s.restarts for s in self._started if s.restarts}
 
     def check_alive(self) -> None:
-        for started in self._started:
+        """Raises for a process that is down and will not come back by itself."""
+        with self._lock:
+            started_now = list(self._started)
+        for started in started_now:
             code = started.process.poll()
-            if code is not None:
+            if code is not None and not (self._watcher and started.name.startswith("supernode-")):
                 tail = started.log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise DeployError(f"{started.name} exited with code {code}: {tail[0]} (log: {started.log_path})")
 
     def pids(self) -> list[int]:
-        return [s.process.pid for s in self._started]
+        with self._lock:
+            return [s.process.pid for s in self._started]
+
+    def pid_of(self, name: str) -> int:
+        with self._lock:
+            return next(s.process.pid for s in self._started if s.name == name)
 
     def down(self, grace: float = 15) -> None:
         """SIGTERM to every process group, then SIGKILL for whatever outlives the grace period."""
+        self._stop_watching.set()
+        if self._watcher is not None:
+            self._watcher.join()
         for started in self._started:
             _signal_group(started.process, signal.SIGTERM)
         deadline = time.monotonic() + grace
