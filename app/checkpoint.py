@@ -1,30 +1,59 @@
-"""Writes what a run leaves behind: the global adapter in PEFT's format and a metrics log.
+"""Writes what a run leaves behind: the global adapter in PEFT's format, a metrics log,
+and after every round the state a resumed run continues from.
 
-Checkpoints are written to a temporary folder and renamed into place, so a crash while
-saving never leaves a half-written adapter where a finished one was expected.
+Everything is written under a temporary name, fsynced and renamed into place, and an old
+copy is removed only once its replacement is in place: a crash or power loss at any
+moment leaves the previous checkpoint or the new one, never half of one, never neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import save_file
+from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
 
 from flwr.common import log
 
-from app.config import AppConfig, ModelSettings
+from app.config import AppConfig, ConfigError, ModelSettings
 from app.models import lora_config
 from app.report import SETTINGS_JSON, progress_line, write_plots, write_summary
 from app.strategy import RoundReport
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+RESUME_JSON = "resume.json"
+STATE_DIR = "state"  # state/round-<k>: the global adapter after round k, for a resumed run
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(partial: Path, final: Path) -> None:
+    """Puts a fully written (and fsynced) `partial` where `final` is; the old `final`
+    goes only after that, and the rename itself is made durable."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    partial.rename(final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(state: Mapping[str, torch.Tensor], model: ModelSettings, folder: Path) -> Path:
@@ -34,27 +63,101 @@ def save_adapter(state: Mapping[str, torch.Tensor], model: ModelSettings, folder
     partial.mkdir(parents=True)
     lora_config(model).save_pretrained(str(partial))
     save_file({k: v.contiguous() for k, v in state.items()}, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
+    for path in (*partial.iterdir(), partial):
+        _fsync(path)
+    _replace(partial, folder)
     return folder
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    _fsync(path.parent)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a run stood after its last completed round."""
+
+    round: int
+    adapter: dict[str, torch.Tensor]
+    elapsed_seconds: float
+    rounds_aggregated: int
+
+    @classmethod
+    def read(cls, run_dir: Path, config: AppConfig) -> "ResumeState":
+        """The state `RunRecorder` left, checked against the settings that continue it."""
+        where = f"results.resume-from = '{run_dir}'"
+        if not (run_dir / RESUME_JSON).is_file():
+            raise ConfigError(f"{where}: no {RESUME_JSON} there (a run folder writes it after its first round)")
+        state = json.loads((run_dir / RESUME_JSON).read_text())
+        before = json.loads((run_dir / SETTINGS_JSON).read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+        for section in ("model", "train", "dataset"):
+            if before[section] != now[section]:
+                key = next(k for k in now[section] if before[section].get(k) != now[section][k])
+                raise ConfigError(
+                    f"{where}: that run used {section}.{key} = {before[section].get(key)!r}, this one "
+                    f"{now[section][key]!r}; resume with the same settings"
+                )
+        if state["round"] >= config.strategy.num_rounds:
+            raise ConfigError(
+                f"{where}: it completed {state['round']} rounds, num-server-rounds = {config.strategy.num_rounds}; "
+                "raise num-server-rounds to train on"
+            )
+        adapter = load_file(str(run_dir / STATE_DIR / f"round-{state['round']}" / ADAPTER_WEIGHTS))
+        return cls(state["round"], adapter, state["elapsed-seconds"], state["rounds-aggregated"])
 
 
 class RunRecorder:
     """Appends one JSON line per round, saves the adapter every N rounds and at the end,
     keeps the run's report current (`app.report`) and logs one progress line a round."""
 
-    def __init__(self, folder: Path, config: AppConfig):
+    def __init__(self, folder: Path, config: AppConfig, resumed: ResumeState | None = None):
         self.folder = folder
         self.model = config.model
         self.save_every = config.train.save_every_round
         self.num_rounds = config.strategy.num_rounds
         self.aggregation = "flexlora" if config.strategy.use_flexlora else "fedavg"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / SETTINGS_JSON).write_text(json.dumps(dataclasses.asdict(config), indent=1, default=str))
+        write_json(folder / SETTINGS_JSON, dataclasses.asdict(config))
         self.metrics_file = folder / "metrics.jsonl"
-        self._started = time.monotonic()
-        self.rounds_aggregated = 0
+        # A resumed run's clock and count go on from where the state left them.
+        self._started = time.monotonic() - (resumed.elapsed_seconds if resumed else 0.0)
+        self.rounds_aggregated = resumed.rounds_aggregated if resumed else 0
+        if resumed:
+            self._drop_rounds_after(resumed.round)
+
+    def _drop_rounds_after(self, last: int) -> None:
+        """Lines of a round whose state was never saved (the server died in between) go:
+        the resumed run trains that round again."""
+        if self.metrics_file.is_file():
+            lines = self.metrics_file.read_text().splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["round"] <= last]
+            if len(kept) != len(lines):
+                partial = self.metrics_file.with_name(self.metrics_file.name + ".partial")
+                partial.write_text("".join(line + "\n" for line in kept))
+                os.replace(partial, self.metrics_file)
+
+    def save_state(self, server_round: int, arrays: ArrayRecord) -> None:
+        """After every round: the adapter, then resume.json pointing at it, then the older one goes."""
+        state_dir = self.folder / STATE_DIR
+        save_adapter(arrays.to_torch_state_dict(), self.model, state_dir / f"round-{server_round}")
+        write_json(
+            self.folder / RESUME_JSON,
+            {
+                "round": server_round,
+                "elapsed-seconds": round(time.monotonic() - self._started, 3),
+                "rounds-aggregated": self.rounds_aggregated,
+            },
+        )
+        for older in state_dir.glob("round-*"):
+            if older.name != f"round-{server_round}":
+                shutil.rmtree(older, ignore_errors=True)
 
     def __call__(self, report: RoundReport) -> None:
         self.rounds_aggregated += bool(report.clients)
@@ -79,6 +182,10 @@ class RunRecorder:
         }
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if report.arrays is not None:
+            self.save_state(report.server_round, report.arrays)
         log(INFO, "%s", progress_line(write_summary(self.folder)))
         if report.server_round == self.num_rounds:
             write_plots([self.folder], self.folder)

@@ -170,6 +170,8 @@ class AppConfig:
     # False: a run outside the leaderboard (another node count or fraction, e.g. a
     # consortium's own federation or a scaling benchmark) that may change static.* keys.
     leaderboard: bool = True
+    # A run folder whose saved state this run continues (`deploy run --resume`); None: a new run.
+    resume_from: Path | None = None
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
@@ -234,6 +236,7 @@ class AppConfig:
         )
         results_dir = Path(get("results.dir", str)).expanduser()
         leaderboard = get("leaderboard", bool, allowed="true or false")
+        resume_from = get("results.resume-from", str).strip()
         check_keys(run_config, get.read)
         for key, fixed in LEADERBOARD.items():
             if leaderboard and run_config[key] != fixed:
@@ -241,7 +244,7 @@ class AppConfig:
                     f"{key} = {run_config[key]!r}: a static leaderboard setting, fixed at {fixed!r} "
                     "(leaderboard=false allows it, for a run outside the leaderboard)"
                 )
-        return cls(model, train, dataset, strategy, results_dir, leaderboard)
+        return cls(model, train, dataset, strategy, results_dir, leaderboard, Path(resume_from).expanduser() if resume_from else None)
 
 
 @dataclass(frozen=True)

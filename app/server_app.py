@@ -7,13 +7,13 @@ It needs neither a GPU nor the base weights: the initial adapter comes from the 
 from __future__ import annotations
 
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from app.checkpoint import RunRecorder, save_adapter
+from app.checkpoint import ResumeState, RunRecorder, save_adapter
 from app.config import AppConfig
 from app.grid import PromptGrid
 from app.models import initial_adapter
@@ -25,10 +25,18 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = AppConfig.from_run_config(context.run_config)
-    run_dir = config.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
-    recorder = RunRecorder(run_dir, config)
-    initial = initial_adapter(config.model, config.train.seed)
-    save_adapter(initial, config.model, run_dir / "round-0")
+    if config.resume_from is not None:
+        run_dir = config.resume_from
+        resumed = ResumeState.read(run_dir, config)
+        initial, done = resumed.adapter, resumed.round
+        log(INFO, "Resuming %s after round %d of %d", run_dir, done, config.strategy.num_rounds)
+    else:
+        run_dir = config.results_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+        resumed, done = None, 0
+        initial = initial_adapter(config.model, config.train.seed)
+    recorder = RunRecorder(run_dir, config, resumed)
+    if resumed is None:
+        save_adapter(initial, config.model, run_dir / "round-0")
     num_nodes = config.dataset.num_partitions
     per_round = config.strategy.nodes_per_round(num_nodes)
     prompt = PromptGrid(grid)
@@ -47,10 +55,11 @@ def main(grid: Grid, context: Context) -> None:
         min_train_nodes=per_round,
         min_available_nodes=per_round,
     )
+    strategy.first_round = done + 1
     strategy.start(
         grid=prompt,
         initial_arrays=ArrayRecord(initial),
-        num_rounds=config.strategy.num_rounds,
+        num_rounds=config.strategy.num_rounds - done,
         timeout=config.strategy.round_timeout,
         train_config=ConfigRecord(),
     )

@@ -64,6 +64,9 @@ class FedAvgOrFlexLora(FedAvg):
         self.sent_bytes = 0  # the packed global adapter each sampled node receives this round
         self.node_of = node_of
         self.sampled: list[int] = []  # this round's nodes, to name those that never answered
+        # Rounds a resumed run already completed: Flower counts from 1, the run from here + 1,
+        # so clients get the round's true learning rate and data seed, checkpoints their number.
+        self.first_round = 1
         # Partition ids that nodes' replies have named, to name them again when they fail.
         self.partitions: dict[int, int] = {}
 
@@ -74,6 +77,7 @@ class FedAvgOrFlexLora(FedAvg):
         self.current = arrays
         packed = pack(arrays)
         self.sent_bytes = len(packed_bytes(packed))
+        server_round += self.first_round - 1
         messages = list(super().configure_train(server_round, packed, config, grid))
         self.sampled = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -81,6 +85,7 @@ class FedAvgOrFlexLora(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.first_round - 1
         replies = list(replies)
         answered, errored = self._check_and_log_replies(replies, is_train=True, validate=False)
         replied = {self.node_of(m) for m in replies}

@@ -62,7 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         assets = build_demo(args.app / ".demo")
         print(f"No GPU or no model given: running the tiny embedded demo model ({assets.model_dir}).")
         overrides = {**assets.run_config(), **overrides}
+    if args.resume:
+        overrides["results.resume-from"] = str(args.resume.resolve())
     sent, config = resolve_run_config(args.app, overrides)
+    if config.resume_from is not None:
+        from app.checkpoint import ResumeState  # torch: only when resuming
+
+        done = ResumeState.read(config.resume_from, config).round
+        print(f"Resuming {config.resume_from} after round {done} of {config.strategy.num_rounds}.")
     topology = _plan(args, config, superlink_port=args.port or free_port())
     if config.model.quantization and all(node.gpu is None for node in topology.nodes):
         # Every client would fail and every round keep the old adapter: stop before starting.
@@ -216,6 +223,10 @@ def parser() -> argparse.ArgumentParser:
     layout_args(p_run)
     p_run.add_argument("--demo", action="store_true", help="use the tiny embedded model and data (CPU, offline)")
     p_run.add_argument("--run-config", help="overrides, e.g. 'num-server-rounds=2 strategy.use-flexlora=1'")
+    p_run.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR",
+        help="continue this run folder from its last completed round (pass the same --run-config)",
+    )
     p_run.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
     p_run.add_argument("--workdir", type=Path, help="logs and Flower state (default: APP/.deploy)")
     p_run.set_defaults(func=cmd_run)

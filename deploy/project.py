@@ -50,6 +50,8 @@ def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dic
         return str((app_dir / Path(path).expanduser()).resolve())
 
     sent["results.dir"] = absolute(str(merged["results.dir"]))
+    if str(merged.get("results.resume-from", "")).strip():
+        sent["results.resume-from"] = absolute(str(merged["results.resume-from"]))
     if is_local_path(str(merged["model.name"])):
         sent["model.name"] = absolute(str(merged["model.name"]))
     if merged["dataset.data-files"]:

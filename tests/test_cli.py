@@ -42,6 +42,7 @@ def test_plan_prints_node_partition_host_gpu_trainer():
         (["--run-config", "no.such-key=1"], "error: no.such-key: not a setting of this app; see"),
         (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
         (["--gpus", ","], "error: --gpus ',': expected GPU ids such as 0,1,2,3 (or '' for the CPU)"),
+        (["--resume", "/no/such/run"], "error: results.resume-from = '/no/such/run': no resume.json there"),
         (["--run-config", "model.lora.peft-lora-alpha=sixteen"], "error: --run-config 'model.name="),
         (["--run-config", "static.strategy.fraction-train=0.15"], "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 (leaderboard=false allows it"),
         (["--run-config", "model.quantization=4"], "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0"),

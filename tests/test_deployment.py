@@ -92,6 +92,9 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     else:
         assert not any("trainer-pid" in c for c in clients)
         assert "training in this ClientApp process" in logs and "warm trainer" not in logs
+    # A clean console: no per-process notice from bitsandbytes about an optional CPU kernel.
+    every_log = "".join(p.read_text() for p in (deployment.workdir / "logs").glob("*.log")) + streamed
+    assert "gemm_4bit_forward" not in every_log
 
 
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
@@ -171,6 +174,58 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     # once more; its message then fails at once as unavailable, never stalling the round.
     assert all(f["node-id"] == failure["node-id"] and "Node Unavailable" in f["reason"] for f in rounds[2]["failed"])
     assert_adapter_trained(demo, run_dir, final_round=3)
+
+
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
+def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment, demo, tmp_path):
+    """The ServerApp is SIGKILLed once round 2's state is saved; a run submitted with
+    results.resume-from continues in the same folder at round 3 (its learning rate and
+    checkpoint number), and rounds 1 and 2 stay exactly as they were."""
+    overrides = {"num-server-rounds": 3, "train.save-every-round": 2, "train.training-arguments.max-steps": 20}
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(tmp_path), **overrides})
+    run_id = deployment.cli.submit(ROOT, sent, tmp_path)
+    deadline = time.monotonic() + 120
+    while not (state := list(tmp_path.glob("*-run*/resume.json"))) or json.loads(state[0].read_text())["round"] < 2:
+        assert time.monotonic() < deadline, "round 2 never completed"
+        time.sleep(0.1)
+    (server,) = [p for p in psutil.process_iter(["cmdline"]) if run_id in " ".join(p.info["cmdline"] or ()) and
+                 "flwr-serverapp" in " ".join(p.info["cmdline"] or ())] or [
+        p for p in psutil.process_iter(["cmdline"]) if "flwr-serverapp" in " ".join(p.info["cmdline"] or ())]
+    server.kill()
+    run_dir = state[0].parent
+    before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:2]
+    assert [r["round"] for r in before] == [1, 2]
+
+    resumed, rounds = run(deployment, demo, tmp_path, **overrides, **{"results.resume-from": str(run_dir)})
+    assert resumed == run_dir
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[:2] == before
+    assert json.loads((run_dir / "resume.json").read_text())["round"] == 3
+    assert sorted(p.name for p in (run_dir / "state").iterdir()) == ["round-3"]
+    trainer_log = (deployment.workdir / "logs" / "trainer-cpu.log").read_text()
+    assert "round 3, partition" in trainer_log
+    assert_adapter_trained(demo, run_dir, final_round=3)
+
+
+def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path):
+    from flwr.app import ArrayRecord
+
+    from app.checkpoint import ResumeState, RunRecorder
+    from app.config import ConfigError
+    from app.models import initial_adapter
+    from app.strategy import RoundReport
+
+    _, config = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 2})
+    recorder = RunRecorder(tmp_path, config)
+    recorder(RoundReport(1, ArrayRecord(initial_adapter(config.model, 0))))
+    assert ResumeState.read(tmp_path, config).round == 1
+    _, other = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 2, "model.lora.peft-lora-r": 4})
+    with pytest.raises(ConfigError, match=r"that run used model.lora = .*; resume with the same settings"):
+        ResumeState.read(tmp_path, other)
+    _, shorter = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
+    with pytest.raises(ConfigError, match="it completed 1 rounds, num-server-rounds = 1"):
+        ResumeState.read(tmp_path, shorter)
+    with pytest.raises(ConfigError, match="no resume.json there"):
+        ResumeState.read(tmp_path / "elsewhere", config)
 
 
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
