@@ -145,6 +145,13 @@ class DatasetSettings:
     # non-empty `input` to the instruction, as the template's finance and code tasks do.
     append_input: bool = False
 
+    def check_files(self) -> None:
+        """Checked where rows are read (a node's host; the deploy host of the process
+        backend), not where the run config is parsed: the ServerApp never needs the data."""
+        for f in self.data_files:
+            if not Path(f).expanduser().is_file():
+                raise ConfigError(f"dataset.data-files = {f!r}: no such file on this host")
+
 
 @dataclass(frozen=True)
 class StrategySettings:
@@ -216,9 +223,6 @@ class AppConfig:
             learn_eos=get("train.learn-eos", bool, allowed="true or false"),
         )
         files = tuple(f.strip() for f in get("dataset.data-files", str).split(",") if f.strip())
-        for f in files:
-            if not Path(f).expanduser().is_file():
-                raise ConfigError(f"dataset.data-files = {f!r}: no such file")
         dataset = DatasetSettings(
             name=get("static.dataset.name", str, lambda v: bool(v.strip()), "a hub dataset id"),
             num_partitions=get("static.dataset.num-partitions", int, _positive, "an integer > 0"),

@@ -22,6 +22,7 @@ IGNORE_INDEX = -100
 
 def federated_dataset(settings: DatasetSettings, seed: int) -> FederatedDataset:
     """Every node builds the same shuffled IID split; a trainer keeps one for all its nodes."""
+    settings.check_files()
     source: dict[str, Any] = {"dataset": settings.name}
     if settings.data_files:
         source = {"dataset": "json", "data_files": list(settings.data_files)}

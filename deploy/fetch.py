@@ -7,7 +7,7 @@ backend both call `fetch`; a local model folder or local data files need nothing
 
 from __future__ import annotations
 
-from app.config import AppConfig
+from app.config import AppConfig, ConfigError
 
 
 def fetch(config: AppConfig) -> list[str]:
@@ -18,7 +18,14 @@ def fetch(config: AppConfig) -> list[str]:
     else:
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(config.model.name, allow_patterns=["*.json", "*.safetensors", "*.model"])
+        try:
+            path = snapshot_download(config.model.name, allow_patterns=["*.json", "*.safetensors", "*.model"])
+        except Exception as err:  # an invalid id, no such repo, no network, no access: all end here
+            reason = " ".join(str(err).split())[:200]
+            raise ConfigError(
+                f"model.name = {config.model.name!r}: not a local folder (write ./path or /path) and not fetched "
+                f"from the hub: {type(err).__name__}: {reason}"
+            ) from None
         lines.append(f"{config.model.name}: cached at {path}")
     from app.dataset import federated_dataset
 

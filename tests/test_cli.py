@@ -57,6 +57,23 @@ def test_bad_input_stops_before_anything_starts(demo, args, message):
     assert "SuperNodes are up" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ('model.name="no-org/no-such-model"', "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) and not fetched from the hub: "),
+        ('dataset.data-files="/no/such.json"', "error: dataset.data-files = '/no/such.json': no such file on this host"),
+    ],
+)
+def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, tmp_path, overrides, message):
+    if "model.name" not in overrides:
+        overrides += f' model.name="{demo.model_dir}"'
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = deploy("run", "--gpus", "", "--workdir", str(tmp_path), "--run-config", f"model.quantization=0 {overrides}", env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert "SuperNodes are up" not in done.stdout and not (tmp_path / "logs" / "superlink.log").exists()
+
+
 def test_fetch_model_fills_the_caches_once_before_nodes_start(demo, tmp_path):
     """What compose's model-fetch service and the process backend run: the dataset lands in
     the host's datasets cache; a local model needs nothing."""

@@ -94,7 +94,6 @@ def test_demo_config_is_valid(run_config):
         ("model.gradient-checkpointing", "on", 'model.gradient-checkpointing = \'on\': must be true, false or "auto"'),
         ("model.attention", "sdpa", "model.attention = 'sdpa': must be one of eager, flex_attention"),
         ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
-        ("dataset.data-files", "/no/such.json", "dataset.data-files = '/no/such.json': no such file"),
         ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
         ("static.strategy.fraction-train", 0.15, "static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1"),
         ("static.dataset.num-partitions", 10, "static.dataset.num-partitions = 10: a static leaderboard setting, fixed at 20"),
@@ -114,6 +113,14 @@ def test_a_run_outside_the_leaderboard_may_change_the_static_settings(run_config
     config = AppConfig.from_run_config(run_config)
     assert not config.leaderboard
     assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
+
+
+def test_data_files_are_checked_where_rows_are_read_not_by_the_server(run_config):
+    """The ServerApp parses the same run config without the clients' data on its host."""
+    run_config["dataset.data-files"] = "/no/such.json"
+    config = AppConfig.from_run_config(run_config)
+    with pytest.raises(ConfigError, match=r"^dataset.data-files = '/no/such.json': no such file on this host$"):
+        config.dataset.check_files()
 
 
 def test_missing_key(run_config):

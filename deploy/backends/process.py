@@ -116,6 +116,9 @@ class ProcessDeployment:
 
     def up(self, timeout: float = 180) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.app_dir is not None:  # a model or data that cannot be had stops us before anything starts
+            for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
+                print(line, flush=True)
         # Each start is a new federation: nodes of earlier starts would linger as offline.
         (self.workdir / "superlink.db").unlink(missing_ok=True)
         register_connection(self.cli.flwr_home, self.connection)
@@ -134,9 +137,6 @@ class ProcessDeployment:
         )
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
-        if self.app_dir is not None:
-            for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
-                print(line, flush=True)
         self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self._start(
