@@ -20,6 +20,7 @@ import tomli_w
 from flwr.common.config import unflatten_dict
 
 from deploy.errors import DeployError
+from deploy.progress import follow
 
 
 def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:
@@ -115,8 +116,15 @@ class FlwrCli:
         return str(reply["run-id"])
 
     def stream_logs(self, run_id: str) -> None:
-        """Blocks until the run finishes, printing the ServerApp's log as it goes."""
-        self._run("log", run_id, self.connection, "--stream", capture=False)
+        """Blocks until the run finishes, showing the ServerApp's log as it goes (`deploy.progress`)."""
+        with subprocess.Popen(
+            [str(self.flwr), "log", run_id, self.connection, "--stream"],
+            env={**self.env, "FLWR_HOME": str(self.flwr_home)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as streamed:
+            follow(streamed.stdout)
 
     def status(self, run_id: str) -> tuple[str, str]:
         reply = self._json("ls", self.connection, "--run-id", run_id)

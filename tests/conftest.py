@@ -72,3 +72,10 @@ def run_config(demo: DemoAssets, tmp_path: Path) -> dict:
     """pyproject's run config pointed at the tiny model: what a real run would read."""
     config = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     return {**config, **demo.run_config(), "results.dir": str(tmp_path / "results")}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-rounds", type=int, default=10,
+        help="rounds of the soak test (CI's short form: 10; the full soak: 20)",
+    )

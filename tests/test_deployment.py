@@ -65,7 +65,7 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
         assert r["aggregate"]["train-loss"] > 0
     assert len(set(partitions)) > 1, "every round trained the same partitions"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "loss.png", "metrics.jsonl", "round-0", "round-2", "round-3", "round_time.png", "run.json", "summary.json", "summary.md"
+        "loss.png", "metrics.jsonl", "resume.json", "round-0", "round-2", "round-3", "round_time.png", "run.json", "state", "summary.json", "summary.md"
     ]
     assert_adapter_trained(demo, run_dir, final_round=3)
     # The byte figures are the packed adapters that really crossed: the global one down, each update up.
@@ -228,6 +228,53 @@ def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path):
         ResumeState.read(tmp_path / "elsewhere", config)
 
 
+LONG_LIVED_SKIP = ("flwr-clientapp", "flwr-serverapp")  # one per message / per run: not long-lived
+
+
+def _long_lived_rss(deployment) -> dict[str, int]:
+    """RSS of every process that lives as long as the deployment, by name and pid."""
+    rss = {}
+    for pid in deployment.pids():
+        root = psutil.Process(pid)
+        for p in (root, *root.children(recursive=True)):
+            try:
+                cmdline = " ".join(p.cmdline())
+                if not any(skip in cmdline for skip in LONG_LIVED_SKIP):
+                    rss[f"{p.pid} {' '.join(p.cmdline()[:3])[-80:]}"] = p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+    return rss
+
+
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
+def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytestconfig):
+    """20 SuperNodes, a SuperLink and the trainer over many rounds: every long-lived
+    process's RSS grows at most 10 % from the baseline round (5 in the full soak of 20
+    rounds) to the last. CI runs the short form; `--soak-rounds 20` runs the full one."""
+    rounds_wanted = pytestconfig.getoption("soak_rounds")
+    baseline_round = min(5, rounds_wanted // 2)
+    samples: dict[int, dict[str, int]] = {}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60 * rounds_wanted
+        while time.monotonic() < deadline and baseline_round not in samples:
+            lines = [p.read_text().count("\n") for p in tmp_path.glob("*-run*/metrics.jsonl")]
+            if lines and lines[0] >= baseline_round:
+                samples[baseline_round] = _long_lived_rss(deployment)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, rounds = run(deployment, demo, tmp_path, timeout=60 * rounds_wanted, **{"num-server-rounds": rounds_wanted})
+    watcher.join(10)
+    last = _long_lived_rss(deployment)
+    assert len(rounds) == rounds_wanted and baseline_round in samples
+    before = samples[baseline_round]
+    assert len(before) >= 22  # the SuperLink, 20 SuperNodes, the trainer supervisor (and what they keep)
+    grown = {name: (before[name], last[name]) for name in before if name in last and last[name] > 1.10 * before[name]}
+    assert not grown, f"RSS grew more than 10 % from round {baseline_round} to {rounds_wanted}: {grown}"
+
+
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
     run_dir, rounds = run(
         deployment, demo, tmp_path,
@@ -262,8 +309,10 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
     assert line["clients"] == [] and len(line["failed"]) == 2
 
 
-def test_stopping_leaves_no_process(deployment):
-    """Every process group we started, with the SuperExec, ClientApp and trainer processes in it.
+def test_stopping_leaves_no_process(deployment, demo, tmp_path):
+    """Stopped in the middle of a run (as Ctrl-C on `deploy run` does): every process group
+    we started, with the SuperExec and trainer processes in it, and the ServerApp and
+    ClientApps, which Flower's SuperExec starts in sessions of their own.
 
     Dead children that the container's init has not reaped yet (zombies) run nothing.
     """
@@ -271,9 +320,37 @@ def test_stopping_leaves_no_process(deployment):
     assert len(groups) == NODES + 1 + len(deployment.topology.trainers)
     members = [p for p in psutil.process_iter() if _pgid(p.pid) in groups]
     assert len(members) > len(groups), "the SuperLink and SuperNodes spawn SuperExec processes"
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(tmp_path), "num-server-rounds": 5})
+    deployment.cli.submit(ROOT, sent, tmp_path)
+    deadline = time.monotonic() + 120
+    while not any("flwr-serverapp" in _cmdline(p) for p in (descendants := _descendants(groups))):
+        assert time.monotonic() < deadline, "the ServerApp never started"
+        time.sleep(0.2)
+    assert any(_pgid(p.pid) not in groups for p in descendants), "the ServerApp runs outside our process groups"
     deployment.down()
-    alive = [p for p in psutil.process_iter(["status"]) if _pgid(p.pid) in groups and p.info["status"] != psutil.STATUS_ZOMBIE]
+    started = {p.pid for p in descendants}
+    alive = [
+        p for p in psutil.process_iter(["status"])
+        if (_pgid(p.pid) in groups or p.pid in started) and p.info["status"] != psutil.STATUS_ZOMBIE
+    ]
     assert alive == []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def _descendants(pids) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found += psutil.Process(pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+    return [p for p in found if p.is_running()]
 
 
 def _pgid(pid: int) -> int | None:

@@ -83,7 +83,7 @@ def test_recorder_saves_every_n_rounds_and_the_last_in_peft_format(run_config, t
         state = {k: v + r for k, v in state.items()}
         recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=[{"node-id": r, **metrics}]))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "loss.png", "metrics.jsonl", "round-2", "round-3", "round_time.png", "run.json", "summary.json", "summary.md"
+        "loss.png", "metrics.jsonl", "resume.json", "round-2", "round-3", "round_time.png", "run.json", "state", "summary.json", "summary.md"
     ]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(line["round"], line["checkpoint"]) for line in lines] == [(1, None), (2, "round-2"), (3, "round-3")]

@@ -10,6 +10,7 @@ spawned beneath it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping
+
+import psutil
 
 from app.trainer_client import TrainerUnavailable, ping
 from app.trainer_protocol import ensure_authkey, trainer_name
@@ -269,13 +272,29 @@ class ProcessDeployment:
         with self._lock:
             return next(s.process.pid for s in self._started if s.name == name)
 
+    def _descendants(self) -> list[psutil.Process]:
+        """Everything our processes started, whatever its session: Flower's SuperExec runs
+        each ServerApp and ClientApp in a session of its own, out of reach of a group signal."""
+        found = []
+        for started in self._started:
+            try:
+                found += psutil.Process(started.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+        return found
+
     def down(self, grace: float = 15) -> None:
-        """SIGTERM to every process group, then SIGKILL for whatever outlives the grace period."""
+        """SIGTERM to every process group and every descendant, then SIGKILL for whatever
+        outlives the grace period; returns once all of them are gone."""
         self._stop_watching.set()
         if self._watcher is not None:
             self._watcher.join()
+        strays = self._descendants()
         for started in self._started:
             _signal_group(started.process, signal.SIGTERM)
+        for stray in strays:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                stray.terminate()
         deadline = time.monotonic() + grace
         for started in self._started:
             try:
@@ -285,6 +304,11 @@ class ProcessDeployment:
             _signal_group(started.process, signal.SIGKILL)
             started.process.wait()
             started.log.close()
+        _, survivors = psutil.wait_procs(strays, timeout=max(0.1, deadline - time.monotonic()))
+        for stray in survivors:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                stray.kill()
+        psutil.wait_procs(survivors, timeout=5)
         self._started.clear()
 
 
