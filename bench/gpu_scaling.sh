@@ -23,15 +23,7 @@
 # metrics.jsonl (metrics.tar.gz), which keeps the rounds of a deployment cut off by its limit.
 . bench/gpu_common.sh "scaling_$1.log"
 R=$O
-export NCCL_NVLS_ENABLE=0
-VENV=${VENV:-/var/tmp/ftvenv}
-MODEL=${MODEL:-/var/tmp/gemma2-9b-random}
-DATA=$PWD/.gpu-carry/smoke-alpaca.json
-PY="env PYTHONPATH=$PWD $VENV/bin/python"
-stamp "setup"
-bash bench/gpu_setup.sh "$VENV" || exit 1
-[ -f "$MODEL/model.safetensors" ] || python3 bench/make_random_gemma2.py --out "$MODEL" --tokenizer .gpu-carry/tokenizer --json "$R/model_build.json" || exit 1
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+gemma2_host "$R/model_build.json"
 nproc
 ours() {  # LIMIT LABEL GPUS RUNS [round_bench options...]
   local limit=$1 label=$2 gpus=$3 runs=$4; shift 4

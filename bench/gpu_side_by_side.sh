@@ -26,15 +26,7 @@
 . bench/gpu_common.sh "side_by_side_$1.log"
 R=/tmp/bench-results
 mkdir -p "$R"
-export NCCL_NVLS_ENABLE=0
-VENV=${VENV:-/var/tmp/ftvenv}
-MODEL=${MODEL:-/var/tmp/gemma2-9b-random}
-DATA=$PWD/.gpu-carry/smoke-alpaca.json
-PY="env PYTHONPATH=$PWD $VENV/bin/python"
-stamp "setup"
-bash bench/gpu_setup.sh "$VENV" || exit 1
-python3 bench/make_random_gemma2.py --out "$MODEL" --tokenizer .gpu-carry/tokenizer --json "$R/model_build_$1.json" || exit 1
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv
+gemma2_host "$R/model_build_$1.json"
 ours() {  # LABEL GPUS RUNS [round_bench options...]
   local label=$1 gpus=$2 runs=$3; shift 3
   timeout -k 20 "$LIMIT" $PY bench/round_bench.py --label "$label" --gpus "$gpus" --runs "$runs" --model "$MODEL" \
