@@ -323,9 +323,11 @@ def test_stopping_leaves_no_process(deployment, demo, tmp_path):
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(tmp_path), "num-server-rounds": 5})
     deployment.cli.submit(ROOT, sent, tmp_path)
     deadline = time.monotonic() + 120
-    while not any("flwr-serverapp" in _cmdline(p) for p in (descendants := _descendants(groups))):
+    descendants = _descendants(groups)
+    while not any("flwr-serverapp" in _cmdline(p) for p in descendants):
         assert time.monotonic() < deadline, "the ServerApp never started"
         time.sleep(0.2)
+        descendants = _descendants(groups)
     assert any(_pgid(p.pid) not in groups for p in descendants), "the ServerApp runs outside our process groups"
     deployment.down()
     started = {p.pid for p in descendants}
