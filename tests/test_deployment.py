@@ -271,6 +271,10 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
     assert len(rounds) == rounds_wanted and baseline_round in samples
     before = samples[baseline_round]
     assert len(before) >= 22  # the SuperLink, 20 SuperNodes, the trainer supervisor (and what they keep)
+    ratios = {name: last[name] / before[name] for name in before if name in last}
+    worst = max(ratios, key=ratios.get)
+    print(f"soak: {len(ratios)} long-lived processes, RSS round {baseline_round} -> {rounds_wanted}: "
+          f"largest growth {ratios[worst]:.3f}x ({worst})")
     grown = {name: (before[name], last[name]) for name in before if name in last and last[name] > 1.10 * before[name]}
     assert not grown, f"RSS grew more than 10 % from round {baseline_round} to {rounds_wanted}: {grown}"
 
