@@ -23,7 +23,7 @@ class PromptGrid(Grid):
     def __init__(self, grid: Grid, poll_seconds: float = POLL_SECONDS):
         self._grid = grid
         self._poll = poll_seconds
-        self._destinations: dict[str, int] = {}
+        self._destinations: dict[str, int] = {}  # the last send's message ids and their nodes
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -50,7 +50,7 @@ class PromptGrid(Grid):
         """Flower's contract: every reply, or those in by `timeout` seconds."""
         messages = list(messages)
         ids = list(self.push_messages(messages))
-        self._destinations.update(zip(ids, (m.metadata.dst_node_id for m in messages)))
+        self._destinations = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
         waiting = set(ids)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

@@ -51,11 +51,11 @@ def main(grid: Grid, context: Context) -> None:
         flexlora_split=config.strategy.flexlora_split,
         on_round=recorder,
         node_of=prompt.node_of,
+        first_round=done + 1,
         fraction_train=config.strategy.fraction_train,
         min_train_nodes=per_round,
         min_available_nodes=per_round,
     )
-    strategy.first_round = done + 1
     strategy.start(
         grid=prompt,
         initial_arrays=ArrayRecord(initial),

@@ -50,6 +50,7 @@ class FedAvgOrFlexLora(FedAvg):
         flexlora_split: str,
         on_round: Callable[[RoundReport], None],
         node_of: Callable[[Message], int] = lambda reply: reply.metadata.src_node_id,
+        first_round: int = 1,
         **fedavg_args: Any,
     ) -> None:
         super().__init__(
@@ -64,9 +65,9 @@ class FedAvgOrFlexLora(FedAvg):
         self.sent_bytes = 0  # the packed global adapter each sampled node receives this round
         self.node_of = node_of
         self.sampled: list[int] = []  # this round's nodes, to name those that never answered
-        # Rounds a resumed run already completed: Flower counts from 1, the run from here + 1,
-        # so clients get the round's true learning rate and data seed, checkpoints their number.
-        self.first_round = 1
+        # A resumed run's next round: Flower counts from 1, the run from here, so clients
+        # get the round's true learning rate and data seed, and checkpoints their number.
+        self.first_round = first_round
         # Partition ids that nodes' replies have named, to name them again when they fail.
         self.partitions: dict[int, int] = {}
 

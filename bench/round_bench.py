@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from app.report import read_rounds
 from app.report import round_rows as report_rows
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.project import resolve_run_config
@@ -179,7 +180,8 @@ def main() -> None:
     nodes = config.dataset.num_partitions
     # The deployment serves every run: its trainers are laid out for the largest fraction.
     per_round = max(
-        config.strategy.nodes_per_round(nodes) if f is None else max(1, int(f * nodes)) for _, f in runs
+        (config.strategy if f is None else replace(config.strategy, fraction_train=f)).nodes_per_round(nodes)
+        for _, f in runs
     )
     host = Host("localhost", gpus)
     trainers = args.trainers_per_gpu
@@ -208,8 +210,7 @@ def main() -> None:
                 if status != "finished:completed":
                     raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
                 (run_dir,) = results.glob(f"*-run{run_id}")
-                metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                rows = round_rows(metrics)
+                rows = round_rows(read_rounds(run_dir))
                 result["runs"][key] = {
                     "status": status, "fraction": fraction or config.strategy.fraction_train, "rounds": rows,
                     **summary(rows, result["startup-seconds"]), "peak-gpu-mib": sampler.take(gpus),

@@ -65,7 +65,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         overrides["results.resume-from"] = str(args.resume.resolve())
     sent, config = resolve_run_config(args.app, overrides)
-    config.dataset.check_files()  # the process backend's nodes read them on this host
     if config.resume_from is not None:
         from app.checkpoint import ResumeState  # torch: only when resuming
 

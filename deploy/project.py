@@ -22,13 +22,12 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        overrides = parse_config_args([text])
+        return parse_config_args([text])
     except Exception:  # click's ClickException, a TOML error: the text is not key=value pairs
         raise ConfigError(
             f"--run-config {text!r}: expected space-separated key=value pairs; "
             'strings need quotes, e.g. model.name="org/model" model.lora.peft-lora-alpha=16'
         ) from None
-    return overrides
 
 
 def default_run_config(app_dir: Path) -> dict[str, Any]:

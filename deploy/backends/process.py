@@ -11,6 +11,7 @@ spawned beneath it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -66,6 +67,11 @@ class _Started:
     env: dict[str, str] = field(default_factory=dict, repr=False)
     restarts: int = 0
     started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_node(self) -> bool:
+        """SuperNodes are what the watcher restarts."""
+        return self.name.startswith("supernode-")
 
 
 class ProcessDeployment:
@@ -167,7 +173,7 @@ class ProcessDeployment:
             with self._lock:
                 for k, started in enumerate(self._started):
                     if (
-                        started.name.startswith("supernode-")
+                        started.is_node
                         and (code := started.process.poll()) is not None
                         and time.monotonic() - started.started_at >= RESTART_BACKOFF
                     ):
@@ -245,9 +251,9 @@ class ProcessDeployment:
         started.log.write(f"\n=== deploy: {line}\n")
         started.log.flush()
         print(line, flush=True)
-        return _Started(
-            started.name, self._popen(started.argv, started.env, started.log), started.log_path, started.log,
-            started.argv, started.env, started.restarts + 1,
+        return dataclasses.replace(
+            started, process=self._popen(started.argv, started.env, started.log),
+            restarts=started.restarts + 1, started_at=time.monotonic(),
         )
 
     def restarts(self) -> dict[str, int]:
@@ -260,7 +266,7 @@ class ProcessDeployment:
             started_now = list(self._started)
         for started in started_now:
             code = started.process.poll()
-            if code is not None and not (self._watcher and started.name.startswith("supernode-")):
+            if code is not None and not (self._watcher and started.is_node):
                 tail = started.log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
                 raise DeployError(f"{started.name} exited with code {code}: {tail[0]} (log: {started.log_path})")
 
