@@ -79,7 +79,9 @@ def gemma_like_tokenizer(corpus: list[str], vocab_size: int = 384):
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size + len(byte_tokens), special_tokens=specials + byte_tokens)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size + len(byte_tokens), special_tokens=specials + byte_tokens, show_progress=False
+    )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
@@ -89,6 +91,7 @@ def gemma_like_tokenizer(corpus: list[str], vocab_size: int = 384):
 def _write_tiny_model(model_dir: Path, data_file: Path, seed: int) -> None:
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     from app.dataset import prompt_and_response
 
@@ -120,4 +123,11 @@ def _write_tiny_model(model_dir: Path, data_file: Path, seed: int) -> None:
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
     )
-    model.save_pretrained(model_dir)
+    # A one-shard progress bar on stderr would sit above the first line a user reads.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(model_dir)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
