@@ -6,6 +6,7 @@ It needs neither a GPU nor the base weights: the initial adapter comes from the 
 
 from __future__ import annotations
 
+import logging
 import time
 from logging import INFO, WARNING
 
@@ -14,7 +15,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from app.checkpoint import ResumeState, RunRecorder, save_adapter
-from app.config import AppConfig
+from app.config import AppConfig, ConfigError
 from app.grid import PromptGrid
 from app.models import initial_adapter
 from app.strategy import FedAvgOrFlexLora
@@ -22,8 +23,29 @@ from app.strategy import FedAvgOrFlexLora
 app = ServerApp()
 
 
+class RunFailed(RuntimeError):
+    """The run ended without a result worth keeping; the message says why, in one line."""
+
+
+class _OneLineRefusals(logging.Filter):
+    """Flower logs any exception out of a ServerApp with its traceback. For our own
+    refusals (a bad setting, a run that trained nothing) the reason is the whole story,
+    so the log ends in that one line; anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (ConfigError, RunFailed)):
+            record.msg, record.args = "ServerApp stopped: %s", (error,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE_REFUSALS = _OneLineRefusals()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    logging.getLogger("flwr").addFilter(_ONE_LINE_REFUSALS)
     config = AppConfig.from_run_config(context.run_config)
     if config.resume_from is not None:
         run_dir = config.resume_from
@@ -65,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     if recorder.rounds_aggregated == 0:
         # A run that trained nothing must not end "completed": the adapter is the initial one.
-        raise RuntimeError(
+        raise RunFailed(
             f"no round aggregated an update: every client of all {config.strategy.num_rounds} rounds failed "
             f"or was rejected (reasons in {recorder.metrics_file})"
         )

@@ -126,6 +126,10 @@ class FlwrCli:
         ) as streamed:
             follow(streamed.stdout)
 
+    def log(self, run_id: str) -> str:
+        """The ServerApp's log so far, at once."""
+        return self._run("log", run_id, self.connection, "--show").stdout
+
     def status(self, run_id: str) -> tuple[str, str]:
         reply = self._json("ls", self.connection, "--run-id", run_id)
         if not reply or not reply.get("success") or not reply.get("runs"):

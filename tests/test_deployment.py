@@ -311,6 +311,10 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
     (run_dir,) = tmp_path.glob("*-run*")
     (line,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert line["clients"] == [] and len(line["failed"]) == 2
+    # The ServerApp's log ends in the reason, in one line, not a traceback.
+    shown = deployment.cli.log(run_id)
+    assert "Traceback" not in shown, shown
+    assert "ServerApp stopped: no round aggregated an update" in shown, shown
 
 
 def test_stopping_leaves_no_process(deployment, demo, tmp_path):
