@@ -29,6 +29,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config = AppConfig.from_run_config(context.run_config)
     node = NodeSettings.from_node_config(context.node_config, config)
+    config = node.own_data(config)
     server_round = int(msg.content["config"]["server-round"])
     if node.trainer_dir is None:
         log(INFO, "partition %d, round %d: training in this ClientApp process", node.partition_id, server_round)

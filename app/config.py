@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,6 +24,11 @@ FLEXLORA_SPLITS = ("reference", "balanced")
 
 class ConfigError(ValueError):
     """A setting has a value the app cannot run with; the message is one line."""
+
+
+class NodeConfigError(ConfigError):
+    """A node's own settings are wrong: every round would fail on that node the same way
+    until it is restarted with others, so the ServerApp stops sampling it (`app.grid`)."""
 
 
 # Our earlier names and the FlowerTune template's keys this app has no use for, each with
@@ -222,7 +227,7 @@ class AppConfig:
             dynamic_data_seed=get("train.dynamic-data-seed", bool, allowed="true or false"),
             learn_eos=get("train.learn-eos", bool, allowed="true or false"),
         )
-        files = tuple(f.strip() for f in get("dataset.data-files", str).split(",") if f.strip())
+        files = _file_list(get("dataset.data-files", str))
         dataset = DatasetSettings(
             name=get("static.dataset.name", str, lambda v: bool(v.strip()), "a hub dataset id"),
             num_partitions=get("static.dataset.num-partitions", int, _positive, "an integer > 0"),
@@ -260,23 +265,33 @@ class NodeSettings:
     # GPU's); None: the ClientApp trains in its own process.
     trainer_dir: Path | None = None
     trainer_home: str = ""
+    # This site's copy of the data (node config `data-files`); empty: the run config's.
+    data_files: tuple[str, ...] = ()
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> "NodeSettings":
-        get = _Reader(node_config, source="node config")
+        get = _Reader(node_config, source="node config", error=NodeConfigError)
         expected = app.dataset.num_partitions
         num = get("num-partitions", int, lambda v: v == expected, f"{expected} (static.dataset.num-partitions)")
         pid = get("partition-id", int, lambda v: 0 <= v < num, f"an integer in [0, {num - 1}]")
         lock_dir = get("lock-dir", str) if "lock-dir" in node_config else None
         trainer_dir = get("trainer-dir", str) if "trainer-dir" in node_config else None
         home = get("trainer-home", str, lambda v: bool(v), "a trainer name such as gpu0") if trainer_dir else ""
+        files = _file_list(get("data-files", str)) if "data-files" in node_config else ()
         return cls(
             partition_id=pid,
             num_partitions=num,
             lock_dir=Path(lock_dir) if lock_dir else None,
             trainer_dir=Path(trainer_dir) if trainer_dir else None,
             trainer_home=home,
+            data_files=files,
         )
+
+    def own_data(self, app: AppConfig) -> AppConfig:
+        """The run config with this node's own copy of the data, where its node config names one."""
+        if not self.data_files:
+            return app
+        return replace(app, dataset=replace(app.dataset, data_files=self.data_files))
 
 
 def _checkpointing(value: Any) -> bool | None:
@@ -290,6 +305,10 @@ def _checkpointing(value: Any) -> bool | None:
     )
 
 
+def _file_list(value: str) -> tuple[str, ...]:
+    return tuple(f.strip() for f in value.split(",") if f.strip())
+
+
 def _positive(value: float) -> bool:
     return value > 0 and math.isfinite(value)
 
@@ -297,8 +316,9 @@ def _positive(value: float) -> bool:
 class _Reader:
     """Fetches one typed value, turning every problem into a one-line ConfigError."""
 
-    def __init__(self, config: Mapping[str, Any], source: str = "run config"):
+    def __init__(self, config: Mapping[str, Any], source: str = "run config", error: type[ConfigError] = ConfigError):
         self._config = config
+        self._error = error
         self._source = source
         self.read: set[str] = set()  # every key asked for: the app's known keys
 
@@ -311,13 +331,13 @@ class _Reader:
     ) -> Any:
         self.read.add(key)
         if key not in self._config:
-            raise ConfigError(f"{key}: missing from the {self._source}")
+            raise self._error(f"{key}: missing from the {self._source}")
         value = self._config[key]
         typed = _coerce(value, kind)
         if typed is None:
-            raise ConfigError(f"{key} = {value!r}: must be {allowed or 'a ' + kind.__name__}")
+            raise self._error(f"{key} = {value!r}: must be {allowed or 'a ' + kind.__name__}")
         if not check(typed):
-            raise ConfigError(f"{key} = {value!r}: must be {allowed}")
+            raise self._error(f"{key} = {value!r}: must be {allowed}")
         return typed
 
 

@@ -5,16 +5,24 @@ its last reply; with warm trainers that was a sizeable share of a ~20 s round. T
 wrapper keeps Flower's own push and pull calls and only looks more often. It also
 remembers where each message went: the SuperLink answers for a node that went offline
 with an error reply from itself (node id 1), and the round must name the node.
+
+A node whose own settings are wrong (a SuperNode started by hand with a partition id out
+of range, say) fails every round it is sampled in, the same way; after its first such
+reply the Grid no longer offers it for sampling, and says so once.
 """
 
 from __future__ import annotations
 
 import time
+from logging import WARNING
 from typing import Iterable
 
 from flwr.app import Message, RecordDict
+from flwr.common import log
 from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+
+from app.config import NodeConfigError
 
 POLL_SECONDS = 0.25
 
@@ -24,6 +32,7 @@ class PromptGrid(Grid):
         self._grid = grid
         self._poll = poll_seconds
         self._destinations: dict[str, int] = {}  # the last send's message ids and their nodes
+        self.left_out: set[int] = set()  # nodes whose node config cannot work
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -38,7 +47,7 @@ class PromptGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        return [node for node in self._grid.get_node_ids() if node not in self.left_out]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -61,7 +70,17 @@ class PromptGrid(Grid):
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self._poll)
+        for reply in replies:
+            self._leave_out_if_misconfigured(reply)
         return replies
+
+    def _leave_out_if_misconfigured(self, reply: Message) -> None:
+        # Flower's error reason for a ClientApp exception names the exception's class.
+        if reply.has_error() and NodeConfigError.__name__ in reply.error.reason:
+            node = self.node_of(reply)
+            if node not in self.left_out:
+                log(WARNING, "Node %d is left out of sampling from now on: %s", node, reply.error.reason)
+                self.left_out.add(node)
 
     def node_of(self, reply: Message) -> int:
         """The node a reply answers for: the one its message was sent to."""

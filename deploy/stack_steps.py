@@ -19,7 +19,7 @@ from deploy.errors import DeployError
 from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
 from deploy.project import parse_overrides, resolve_run_config
-from deploy.tls import make_certificates, make_node_keys, make_superexec_secret
+from deploy.tls import TlsFiles, make_certificates, make_node_keys, make_superexec_secret
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
@@ -48,12 +48,20 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
         files = make_certificates(args.certs, args.name or ["superlink"])
         make_superexec_secret(args.certs)
         prepare_host_folder(args.certs)
+        _keep_ca_key_from_containers(files)
         print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
     if args.keys:
         make_node_keys(args.keys, [f"supernode-{i}" for i in range(args.nodes)])
         prepare_host_folder(args.keys)
         print(f"SuperNode keys: {args.keys} (copy each node's .key to the host that runs it)")
     return 0
+
+
+def _keep_ca_key_from_containers(files: TlsFiles) -> None:
+    """prepare_host_folder hands the folder to the images' user, and the SuperLink, ServerApp
+    and SuperNode containers mount it; only this root step signs, so the CA key stays root's."""
+    if os.geteuid() == 0 and files.ca_key.is_file():
+        os.chown(files.ca_key, 0, 0)
 
 
 def _stack_cli(superlink: str, root_certificate: Path | None) -> FlwrCli:

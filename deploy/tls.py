@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,66 +21,124 @@ from typing import Iterable
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from deploy.errors import DeployError
 
 VALIDITY = datetime.timedelta(days=365)
+CA_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowertune-deploy CA")])
 
 
 @dataclass(frozen=True)
 class TlsFiles:
     ca_cert: Path
+    ca_key: Path
     cert: Path
     key: Path
 
     @classmethod
     def in_folder(cls, folder: Path) -> "TlsFiles":
-        return cls(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
+        return cls(folder / "ca.crt", folder / "ca.key", folder / "superlink.crt", folder / "superlink.key")
 
     def exist(self) -> bool:
         return self.ca_cert.is_file() and self.cert.is_file() and self.key.is_file()
 
 
 def make_certificates(folder: Path, names: Iterable[str]) -> TlsFiles:
-    """Idempotent: an existing set is kept, so nodes already trusting the CA keep working."""
+    """Keeps the CA, so nodes already trusting it keep working, and re-signs the SuperLink
+    certificate with it when `names` (hosts, `--superlink-address`) gained one it lacks.
+
+    A set that already names everything is left as it is, byte for byte.
+    """
     files = TlsFiles.in_folder(folder)
-    if files.exist():
+    wanted = dict.fromkeys(_san(n) for n in [*names, "localhost", "127.0.0.1"])
+    have = _names_in(files.cert) if files.exist() else []
+    missing = [n for n in wanted if n not in have]
+    if not missing:
         return files
     folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _load_ca(files, missing) if files.ca_cert.is_file() else _new_ca(files)
+    _issue_superlink_certificate(files, ca, ca_key, list(wanted))
+    return files
+
+
+def _names_in(cert_path: Path) -> list[x509.GeneralName]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+
+
+def _new_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA key is kept (0600) beside its certificate: the only way to add a name later
+    without handing every SuperNode host and `flwr` user a new ca.crt."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowertune-deploy CA")])
     ca = (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
+        .subject_name(CA_NAME)
+        .issuer_name(CA_NAME)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
+    _write_private(files.ca_key, _private_pem(ca_key, serialization.PrivateFormat.PKCS8))
+    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return ca, ca_key
+
+
+def _load_ca(files: TlsFiles, missing: list[x509.GeneralName]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A folder made before ca.key was kept cannot gain a name: say so rather than keep a
+    certificate that fails the new host's TLS check, or silently replace the CA."""
+    lacking = ", ".join(str(n.value) for n in missing)
+    if not files.ca_key.is_file():
+        raise DeployError(
+            f"{files.ca_cert.parent}: the SuperLink certificate must name {lacking}, but there is no "
+            "ca.key to sign one (the folder predates it); remove the folder to make a new CA, "
+            "then copy the new ca.crt to every SuperNode host and `flwr` user"
+        )
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    if ca_key.public_key() != ca.public_key():
+        raise DeployError(f"{files.ca_key}: not the key of {files.ca_cert}; restore the matching pair or remove the folder")
+    return ca, ca_key
+
+
+def _issue_superlink_certificate(
+    files: TlsFiles, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: list[x509.GeneralName]
+) -> None:
+    """A fresh key with every certificate; the key is written first, so a crash in between
+    leaves a certificate that lacks the names and is re-issued on the next run."""
+    now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP384R1())
-    sans = [_san(n) for n in dict.fromkeys([*names, "localhost", "127.0.0.1"])]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
-        .issuer_name(ca_name)
+        .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
-        .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .not_valid_after(min(now + VALIDITY, ca.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_private(files.key, _private_pem(key, serialization.PrivateFormat.PKCS8))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_private(
-        files.key,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
-    return files
+
+
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """The strict X.509 profile (Python 3.13's default TLS context, cryptography's verifier)
+    wants key usages and key identifiers that lenient checks let a certificate go without."""
+    usages = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+              "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{usage: allowed.get(usage, False) for usage in usages})
 
 
 def make_superexec_secret(folder: Path) -> Path:
@@ -108,10 +167,7 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
         private, public = folder / f"{name}.key", folder / f"{name}.pub"
         if not (private.is_file() and public.is_file()):
             key = ec.generate_private_key(ec.SECP384R1())
-            _write_private(
-                private,
-                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
-            )
+            _write_private(private, _private_pem(key, serialization.PrivateFormat.OpenSSH))
             public.write_bytes(
                 key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             )
@@ -119,10 +175,18 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
     return keys
 
 
+def _private_pem(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    """Created 0600 before any byte is written, so a secret is never readable by others."""
-    path.touch(mode=0o600)
-    path.write_bytes(data)
+    """Written 0600 under a temporary name, then renamed over `path`: a secret is never
+    readable by others, and a replaced key is never half written."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+        out.write(data)
+    os.replace(partial, path)
 
 
 def _san(name: str) -> x509.GeneralName:

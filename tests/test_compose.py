@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from deploy.cli import main
-from deploy.compose import SUPERLINK_IMAGE, RenderOptions, render, write
+from deploy.compose import HF_TOKEN_FILE, SUPERLINK_IMAGE, RenderOptions, render, write
 from deploy.topology import Host, LayoutError, parse_gpus, plan
 from tests.conftest import ROOT
 
@@ -58,7 +58,7 @@ def test_no_trainers_means_training_in_each_clientapp():
     assert not any(name.startswith("trainer-") for name in document["services"])
     for service in supernodes(document).values():
         assert node_config(service, "training") == 'lock-dir="/locks"'
-        assert "gpu-locks:/locks" in service["volumes"] and service["environment"]["HF_TOKEN"] == "${HF_TOKEN:-}"
+        assert "gpu-locks:/locks" in service["volumes"] and service["secrets"] == ["hf_token"]  # it loads the model
     assert set(document["volumes"]) == {"superlink-state", "hf-cache", "gpu-locks"}
 
 
@@ -104,6 +104,53 @@ def test_the_docker_sdk_backend_translates_every_key_we_render():
     documents["cpu"] = render(plan(NODES, [Host("cpu")]), RenderOptions(insecure=True))["cpu"]
     used = {key for d in documents.values() for s in d["services"].values() for key in s}
     assert used <= HANDLED_KEYS
+
+
+def every_layout() -> list[dict]:
+    """GPU hosts with and without warm trainers, two hosts, the CPU without TLS."""
+    return [
+        *render(plan(NODES, [Host("a", (0, 1)), Host("b", (0,))])).values(),
+        *render(plan(NODES, [Host("gpu", (0,))], trainers=0)).values(),
+        *render(plan(NODES, [Host("cpu")]), RenderOptions(insecure=True)).values(),
+    ]
+
+
+def test_every_service_runs_without_privileges_on_a_read_only_root():
+    for document in every_layout():
+        for name, service in document["services"].items():
+            assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"], name
+            assert service["read_only"] is True and service["tmpfs"] == ["/tmp:exec", "/home/flwr:exec,uid=1000,gid=1000"], name
+            if name == "setup":  # it hands the host's folders to uid 1000: root, with only what that takes
+                assert service["user"] == "0:0" and service["cap_add"] == ["CHOWN", "DAC_OVERRIDE"]
+            else:
+                assert service["user"] == "1000:1000" and "cap_add" not in service, name
+
+
+def test_the_hf_token_is_a_secret_file_of_the_services_that_download_only():
+    for document in every_layout():
+        assert document["secrets"] == {"hf_token": {"file": HF_TOKEN_FILE}}
+        for name, service in document["services"].items():
+            in_process = name.startswith("supernode-") and "lock-dir" in node_config(service, "training")
+            downloads = name in ("model-fetch", "serverapp") or name.startswith("trainer-") or in_process
+            environment = service.get("environment", {})
+            assert "${" not in yaml.safe_dump(environment), name  # nothing comes from the user's shell
+            assert service.get("secrets") == (["hf_token"] if downloads else None), name
+            assert environment.get("HF_TOKEN_PATH") == ("/run/secrets/hf_token" if downloads else None), name
+
+
+@pytest.mark.parametrize(
+    "volume, config",
+    [("./demo:/demo:ro", "./demo/tiny/config.json"), ("/srv/models/tiny/:/demo/tiny", "/srv/models/tiny/config.json")],
+)
+def test_the_serverapp_mounts_no_data_and_no_weights(volume, config):
+    """Of a local model, config.json alone, the one file the initial adapter is built from."""
+    options = RenderOptions(extra_volumes=(volume,), model="/elsewhere", run_config='model.name="/demo/tiny"')
+    (document,) = render(plan(NODES, [Host("h")]), options).values()
+    assert document["services"]["serverapp"]["volumes"] == [
+        "./results:/app/results", "./.deploy/certs:/certs:ro", f"{config}:/demo/tiny/config.json:ro"
+    ]
+    (hub,) = render(plan(NODES, [Host("h")])).values()  # a hub model: it fetches config.json itself
+    assert hub["services"]["serverapp"]["volumes"] == ["./results:/app/results", "./.deploy/certs:/certs:ro"]
 
 
 def test_layout_errors_are_one_line():

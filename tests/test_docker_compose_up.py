@@ -1,9 +1,11 @@
 """The users' first path: plain `docker compose up` on a rendered file runs the job and
-leaves the checkpoints in the host's results folder (TLS and node authentication on)."""
+leaves the checkpoints in the host's results folder (TLS and node authentication on), with
+hardened containers and no Hugging Face token set."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,8 +20,19 @@ def toml_value(value) -> str:
 
 
 def compose(folder, *args: str) -> subprocess.CompletedProcess:
+    """Without HF_TOKEN_FILE, whatever the caller's shell holds: the path of users without a token."""
     command = ["docker", "compose", "-p", PROJECT, "-f", str(folder / "compose.yaml"), *args]
-    return subprocess.run(command, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN_FILE"}
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
+def assert_hardened(container, service: str) -> None:
+    """What deploy/compose.py renders for every service, as the engine really runs it."""
+    host, config = container.attrs["HostConfig"], container.attrs["Config"]
+    assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges:true"], service
+    assert host["ReadonlyRootfs"] and set(host["Tmpfs"]) == {"/tmp", "/home/flwr"}, service
+    assert config["User"] == ("0:0" if service == "setup" else "1000:1000"), service
+    assert not any(e.startswith("HF_TOKEN=") for e in config["Env"]), service
 
 
 def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
@@ -39,9 +52,11 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
     try:
         up = compose(tmp_path, "up", "-d")
         assert up.returncode == 0, up.stderr
-        (submit,) = docker.from_env().containers.list(
-            all=True, filters={"label": [f"com.docker.compose.project={PROJECT}", "com.docker.compose.service=submit"]}
-        )
+        services = {
+            c.labels["com.docker.compose.service"]: c
+            for c in docker.from_env().containers.list(all=True, filters={"label": f"com.docker.compose.project={PROJECT}"})
+        }
+        submit = services["submit"]
         exit_code = submit.wait(timeout=900)["StatusCode"]  # a real wait, also for one already exited
         logs = submit.logs().decode(errors="replace")
         assert exit_code == 0, logs[-3000:]
@@ -51,6 +66,10 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
         assert len(json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["clients"]) == 2
         assert (tmp_path / ".deploy" / "certs" / "ca.crt").is_file()
         assert len(list((tmp_path / ".deploy" / "keys").glob("supernode-*.key"))) == 20
+        for service, container in services.items():
+            assert_hardened(container, service)
+        (secret,) = (m for m in services["model-fetch"].attrs["Mounts"] if m["Destination"] == "/run/secrets/hf_token")
+        assert secret["Source"] == "/dev/null" and not secret["RW"]  # no token: huggingface_hub reads none
     finally:
         down = compose(tmp_path, "down", "-v")
         assert down.returncode == 0, down.stderr

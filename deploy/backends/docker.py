@@ -9,6 +9,7 @@ it labels everything it creates, so `down` removes exactly that and nothing else
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import docker
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest
 
-from deploy.compose import PROJECT
+from deploy.compose import IMAGE_UID, PROJECT
 from deploy.errors import DeployError
 
 LABEL = "flowertune-deploy.project"
@@ -25,9 +26,10 @@ LABEL = "flowertune-deploy.project"
 # `build` is compose's own way to the images; `deploy up` builds them itself (deploy/images.py).
 HANDLED_KEYS = frozenset(
     {"image", "build", "command", "environment", "volumes", "restart", "init", "user", "ports", "healthcheck", "deploy",
-     "depends_on"}
+     "depends_on", "cap_drop", "cap_add", "security_opt", "read_only", "tmpfs", "secrets"}
 )
-IMAGE_UID = 1000
+# Compose's `${VAR:-default}`: the document names a variable of the user's shell, never its value.
+VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
 def engine() -> docker.DockerClient:
@@ -104,17 +106,17 @@ class DockerDeployment:
             volumes[source] = {"bind": target, "mode": mode[0] if mode else "rw"}
         return volumes
 
-    def _environment(self, service: dict[str, Any]) -> dict[str, str]:
-        """`${VAR:-}` entries are filled from the user's shell, as compose does; unset ones are left out."""
-        env = {}
-        for key, value in service.get("environment", {}).items():
-            if isinstance(value, str) and value.startswith("${"):
-                var = value[2:].split(":-")[0].rstrip("}")
-                if self.env.get(var):
-                    env[key] = self.env[var]
-            else:
-                env[key] = str(value)
-        return env
+    def _secrets(self, names: list[str]) -> dict[str, dict[str, str]]:
+        """As compose runs secrets without swarm: each one's file, bound read-only at
+        /run/secrets/<name>; its value never enters the container's configuration."""
+        mounts = {}
+        for name in names:
+            file = VARIABLE.sub(lambda m: self.env.get(m[1]) or m[2] or "", self.document["secrets"][name]["file"])
+            path = self.compose_dir / Path(file).expanduser()
+            if not path.exists():  # compose refuses it too; a folder made in its place would hide the mistake
+                raise DeployError(f"secret {name}: no such file {path}")
+            mounts[str(path)] = {"bind": f"/run/secrets/{name}", "mode": "ro"}
+        return mounts
 
     def _run(self, name: str, service: dict[str, Any]) -> None:
         unknown = sorted(set(service) - HANDLED_KEYS)
@@ -132,10 +134,15 @@ class DockerDeployment:
             "hostname": name,
             "detach": True,
             "labels": {LABEL: self.project, f"{LABEL}.service": name},
-            "environment": self._environment(service),
-            "volumes": self._mounts(service.get("volumes", [])),
+            "environment": {key: str(value) for key, value in service.get("environment", {}).items()},
+            "volumes": {**self._mounts(service.get("volumes", [])), **self._secrets(service.get("secrets", []))},
             "network": self.network_name,
             "init": service.get("init", False),
+            "cap_drop": service.get("cap_drop"),
+            "cap_add": service.get("cap_add"),
+            "security_opt": service.get("security_opt"),
+            "read_only": service.get("read_only", False),
+            "tmpfs": {path: options for path, _, options in (t.partition(":") for t in service.get("tmpfs", []))},
         }
         if "user" in service:
             kwargs["user"] = service["user"]
