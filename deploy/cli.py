@@ -144,6 +144,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.insecure:
             raise DeployError("the process backend serves plain HTTP on 127.0.0.1: pass --insecure")
         return cmd_up_process(args)
+    if os.environ.get("HF_TOKEN") and not os.environ.get("HF_TOKEN_FILE"):
+        # Containers take the token from a file (a compose secret), never from the environment.
+        print("warning: HF_TOKEN is set but not passed on; give the stack a file: HF_TOKEN_FILE=/path/to/token", file=sys.stderr)
     deployment, topology = _docker(args)
     client = deployment.client
     if args.build or outdated_images(client, args.app):

@@ -71,7 +71,8 @@ class FlwrCli:
             text=True,
         )
 
-    def _json(self, *args: str, cwd: Path | None = None) -> dict[str, Any] | None:
+    def ask(self, *args: str, cwd: Path | None = None) -> dict[str, Any] | None:
+        """A `flwr` command's JSON reply; None when it gives none (no SuperLink answering)."""
         done = self._run(*args, "--format", "json", cwd=cwd)
         try:
             return json.loads(done.stdout)
@@ -80,7 +81,7 @@ class FlwrCli:
 
     def online_nodes(self) -> int | None:
         """None while the SuperLink does not answer yet."""
-        reply = self._json("supernode", "ls", self.connection)
+        reply = self.ask("supernode", "ls", self.connection)
         if not reply or not reply.get("success"):
             return None
         return sum(1 for node in reply["nodes"] if node["status"] == "online")
@@ -102,14 +103,14 @@ class FlwrCli:
 
     def register_node(self, public_key: Path) -> None:
         """Idempotent: a key the SuperLink already knows counts as registered."""
-        reply = self._json("supernode", "register", str(public_key), self.connection)
+        reply = self.ask("supernode", "register", str(public_key), self.connection)
         reason = " ".join(str((reply or {}).get("error-message", "no answer")).split())
         if not (reply and reply.get("success")) and "already in use" not in reason:
             raise DeployError(f"registering {public_key.name} failed: {reason}")
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
         overrides = write_run_config(scratch / "run-config.toml", run_config)
-        reply = self._json("run", str(app_dir), self.connection, "--run-config", str(overrides), cwd=app_dir)
+        reply = self.ask("run", str(app_dir), self.connection, "--run-config", str(overrides), cwd=app_dir)
         if not reply or not reply.get("success"):
             reason = (reply or {}).get("error-message", "no answer from flwr run")
             raise DeployError(f"flwr run failed: {' '.join(str(reason).split())}")
@@ -131,7 +132,7 @@ class FlwrCli:
         return self._run("log", run_id, self.connection, "--show").stdout
 
     def status(self, run_id: str) -> tuple[str, str]:
-        reply = self._json("ls", self.connection, "--run-id", run_id)
+        reply = self.ask("ls", self.connection, "--run-id", run_id)
         if not reply or not reply.get("success") or not reply.get("runs"):
             return "unknown", "flwr ls gave no answer"
         run = reply["runs"][0]

@@ -53,7 +53,7 @@ def start_supernode(deployment: ProcessDeployment, home: Path, node_config: str)
     )
 
 
-def test_a_node_reads_its_own_data_and_a_misconfigured_node_is_left_out(deployment, demo, tmp_path):
+def test_a_node_reads_its_own_data_and_a_misconfigured_node_is_left_out(deployment, demo, tmp_path, reliability):
     """Round 1 samples all four nodes: the one with partition-id 20 fails, naming its node
     config, and is never sampled again; round 2 trains the three good nodes only.
 
@@ -91,3 +91,8 @@ def test_a_node_reads_its_own_data_and_a_misconfigured_node_is_left_out(deployme
     assert second["failed"] == [] and len(second["clients"]) == 3
     assert failed["node-id"] not in {c["node-id"] for c in second["clients"]}
     assert "is left out of sampling from now on" in deployment.cli.log(run_id)
+    reliability.record(
+        "bad input", "a SuperNode started by hand with node config partition-id=20 (of 2)",
+        f"failed in round 1 only ({failed['reason']}), then left out of sampling; "
+        f"both rounds completed, round 2 with the {len(second['clients'])} good nodes",
+    )

@@ -49,7 +49,7 @@ class Federation:
 
     def node_list(self) -> list[dict]:
         """Every node the SuperLink knows, whatever its state: `flwr supernode ls` over TLS."""
-        reply = self.tls._json("supernode", "ls", self.tls.connection)
+        reply = self.tls.ask("supernode", "ls", self.tls.connection)
         assert reply and reply["success"], reply
         return reply["nodes"]
 
@@ -108,12 +108,12 @@ def federation(tmp_path_factory):
     (workdir / "logs").mkdir()
     try:
         superlink_home = {"FLWR_HOME": str(workdir / "superlink-home")}
-        deployment._start("superlink", superlink_argv(certs, port, workdir / "superlink.db"), superlink_home)
+        deployment.start("superlink", superlink_argv(certs, port, workdir / "superlink.db"), superlink_home)
         started.tls.wait_for_nodes(0, DEADLINE, deployment.check_alive)
         started.tls.register_node(keys["registered"])
         for (name, transport), node_port in zip(nodes.items(), node_ports):
             node_env = {"FLWR_HOME": str(workdir / name), "CUDA_VISIBLE_DEVICES": "", **SUPERNODE_ENV}
-            deployment._start(name, supernode_argv(address, node_port, transport), node_env)
+            deployment.start(name, supernode_argv(address, node_port, transport), node_env)
         started.tls.wait_for_nodes(1, DEADLINE, lambda: None)
         # Settled: each intruder has been turned away at least once.
         wait_for("the unregistered SuperNode's refusal", lambda: REFUSED_KEY in started.log("unregistered"))
@@ -153,7 +153,7 @@ def test_a_plain_http_supernode_never_joins(federation, reliability):
 def test_the_control_api_refuses_plain_http(federation, reliability):
     assert federation.tls.online_nodes() == 1  # the SuperLink answers, over TLS
     assert federation.plain.online_nodes() is None
-    reply = federation.plain._json("ls", federation.plain.connection)
+    reply = federation.plain.ask("ls", federation.plain.connection)
     assert reply["success"] is False and UNAVAILABLE in reply["error-message"]
     # Nor can a key be registered without TLS, nor does any plain HTTP request get an answer.
     with pytest.raises(DeployError, match=f"^registering unregistered.pub failed: .*{UNAVAILABLE}"):

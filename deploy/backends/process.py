@@ -131,7 +131,7 @@ class ProcessDeployment:
         # Each start is a new federation: nodes of earlier starts would linger as offline.
         (self.workdir / "superlink.db").unlink(missing_ok=True)
         register_connection(self.cli.flwr_home, self.connection)
-        self._start(
+        self.start(
             "superlink",
             [
                 "flower-superlink",
@@ -148,7 +148,7 @@ class ProcessDeployment:
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
         self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
-            self._start(
+            self.start(
                 node.name,
                 [
                     "flower-supernode",
@@ -194,7 +194,7 @@ class ProcessDeployment:
         ensure_authkey(self.trainer_dir)
         overrides = write_run_config(self.workdir / "trainer-run-config.toml", self.run_config)
         for group in self.topology.trainers:
-            self._start(
+            self.start(
                 group.name,
                 [
                     "python", "-m", "deploy", "--app", str(self.app_dir), "trainer",
@@ -223,7 +223,8 @@ class ProcessDeployment:
                         raise DeployError(f"trainer {name} not ready after {timeout:.0f} s (log: {self.workdir / 'logs'})")
         return status
 
-    def _start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
+    def start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
+        """One more process of the deployment, stopped with it; its log goes to logs/<name>.log."""
         log_path = self.workdir / "logs" / f"{name}.log"
         log = log_path.open("w")
         argv = [str(self.bin_dir / argv[0]), *argv[1:]]
