@@ -9,10 +9,20 @@ GPU or the base weights: PEFT wraps a weightless (meta) copy of the model built 
 from __future__ import annotations
 
 import math
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from app.config import ModelSettings
 
@@ -81,16 +91,33 @@ def build_model(settings: ModelSettings) -> PeftModel:
         # Reentrant checkpointing trained 1.21x faster than non-reentrant at equal memory on
         # an H100 (bench/results/reentrant_ab.txt); it needs inputs that require grad, hence
         # enable_input_require_grads, since the embedding itself is frozen.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        if hasattr(model, "activation_checkpointing_enable"):  # the old name warns where this exists
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(settings))
+    return _with_lora(model, settings)
+
+
+def _with_lora(model: PreTrainedModel, settings: ModelSettings) -> PeftModel:
+    with peft_quietly():
+        return get_peft_model(model, lora_config(settings))
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing` itself whenever it
+    wraps a model: a FutureWarning per client per round that no caller of PEFT can avoid."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def initial_adapter(settings: ModelSettings, seed: int) -> dict[str, torch.Tensor]:
     """PEFT's default LoRA init (Kaiming-uniform A, zero B), with a seed every run repeats."""
     config = AutoConfig.from_pretrained(settings.name)
     with torch.device("meta"):
-        skeleton = get_peft_model(AutoModelForCausalLM.from_config(config), lora_config(settings))
+        skeleton = _with_lora(AutoModelForCausalLM.from_config(config), settings)
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, meta in get_peft_model_state_dict(skeleton).items():

@@ -81,7 +81,9 @@ def connect(trainer_dir: Path, name: str, timeout: float) -> Connection:
             return Client(str(socket_path(trainer_dir, name)), family="AF_UNIX", authkey=key)
         except AuthenticationError:
             raise TrainerError(f"trainer {name}: auth key mismatch ({trainer_dir / AUTHKEY_FILE})") from None
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionError, EOFError):
+            # No socket yet, or one whose trainer died with it (refused), or died while
+            # checking our key (reset, closed): a restarted trainer will listen again.
             if time.monotonic() > deadline:
                 raise TrainerUnavailable(f"trainer {name}: not listening after {timeout:.0f} s") from None
             time.sleep(RETRY_SECONDS)

@@ -124,6 +124,8 @@ def load_model(base: str, adapter: Path | None, quantization: int):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from app.models import peft_quietly
+
     on_gpu = torch.cuda.is_available()
     if quantization and not on_gpu:
         raise DeployError(f"--quantization {quantization}: needs a CUDA GPU; pass --quantization 0 on the CPU")
@@ -133,7 +135,8 @@ def load_model(base: str, adapter: Path | None, quantization: int):
         base, quantization_config=config, dtype=dtype, device_map={"": 0} if on_gpu else None, attn_implementation="eager"
     )
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with peft_quietly():
+            model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

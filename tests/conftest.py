@@ -13,6 +13,8 @@ from flwr.common.config import flatten_dict
 
 from deploy.demo import DemoAssets, build_demo
 
+pytest_plugins = ["tests.reliability"]  # the `reliability` fixture and README's Reliability table
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh
 
@@ -55,8 +57,11 @@ def assert_adapter_trained(demo: DemoAssets, run_dir: Path, final_round: int) ->
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from app.models import peft_quietly
+
     base = AutoModelForCausalLM.from_pretrained(demo.model_dir)
-    final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / f"round-{final_round}"))
+    with peft_quietly():
+        final = get_peft_model_state_dict(PeftModel.from_pretrained(base, run_dir / f"round-{final_round}"))
     initial = load_file(run_dir / "round-0" / "adapter_model.safetensors")
     assert final.keys() == initial.keys()
     assert any(not torch.equal(final[k], initial[k]) for k in final)

@@ -1,6 +1,7 @@
 """The deploy tool's front door: layouts printed, bad input stopped with one line and exit 2."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,12 +15,14 @@ def deploy(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [["up", "--no-submit"], ["status"], ["logs", "superlink"], ["down"]])
-def test_no_docker_engine_is_one_line_and_exit_2(tmp_path, command):
+def test_no_docker_engine_is_one_line_and_exit_2(tmp_path, command, reliability):
     env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}
     done = deploy(*command, "--gpus", "", "--insecure", "--dir", str(tmp_path), env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: no Docker engine answers (")
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    tried = f"deploy {' '.join(command)} with no Docker engine answering"
+    reliability.record("fault", tried, f"exit {done.returncode}: {done.stderr.strip()}")
 
 
 def test_plan_prints_node_partition_host_gpu_trainer():
@@ -48,13 +51,15 @@ def test_plan_prints_node_partition_host_gpu_trainer():
         (["--run-config", "model.quantization=4"], "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0"),
     ],
 )
-def test_bad_input_stops_before_anything_starts(demo, args, message):
+def test_bad_input_stops_before_anything_starts(demo, args, message, reliability):
+    tried = shlex.join(["deploy", "run", *args])
     if "--run-config" in args:
         args = [args[0], f'model.name="{demo.model_dir}" {args[1]}', "--gpus", ""]
     done = deploy("run", *args)
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
     assert "SuperNodes are up" not in done.stdout
+    reliability.record("bad input", tried, f"exit {done.returncode}, nothing started: {done.stderr.strip()}")
 
 
 @pytest.mark.parametrize(
@@ -64,7 +69,8 @@ def test_bad_input_stops_before_anything_starts(demo, args, message):
         ('dataset.data-files="/no/such.json"', "error: dataset.data-files = '/no/such.json': no such file on this host"),
     ],
 )
-def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, tmp_path, overrides, message):
+def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, tmp_path, overrides, message, reliability):
+    tried = f"deploy run with {overrides}, offline"
     if "model.name" not in overrides:
         overrides += f' model.name="{demo.model_dir}"'
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -72,6 +78,7 @@ def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, t
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert "SuperNodes are up" not in done.stdout and not (tmp_path / "logs" / "superlink.log").exists()
+    reliability.record("bad input", tried, f"exit {done.returncode}, nothing started: {done.stderr.strip()}")
 
 
 def test_fetch_model_fills_the_caches_once_before_nodes_start(demo, tmp_path):

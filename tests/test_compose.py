@@ -153,22 +153,30 @@ def test_the_serverapp_mounts_no_data_and_no_weights(volume, config):
     assert hub["services"]["serverapp"]["volumes"] == ["./results:/app/results", "./.deploy/certs:/certs:ro"]
 
 
-def test_layout_errors_are_one_line():
-    with pytest.raises(LayoutError, match=r"^--gpus '0,x': expected GPU ids such as 0,1,2,3 \(or '' for the CPU\)$"):
-        parse_gpus("0,x")
-    with pytest.raises(LayoutError, match=r"^--gpus ',': expected GPU ids"):
-        parse_gpus(",")  # once silently the CPU
+def assert_refused(reliability, what: str, pattern: str, call, *args, **kwargs) -> None:
+    """`call` stops with one LayoutError line matching `pattern`: a bad input refused."""
+    with pytest.raises(LayoutError, match=pattern) as err:
+        call(*args, **kwargs)
+    assert "\n" not in str(err.value)
+    reliability.record("bad input", what, f"refused: {err.value}")
+
+
+def test_layout_errors_are_one_line(reliability):
+    assert_refused(reliability, "--gpus '0,x'", r"^--gpus '0,x': expected GPU ids such as 0,1,2,3 \(or '' for the CPU\)$", parse_gpus, "0,x")
+    assert_refused(reliability, "--gpus ','", r"^--gpus ',': expected GPU ids", parse_gpus, ",")  # once silently the CPU
     assert parse_gpus("") == parse_gpus(" ") == ()
-    with pytest.raises(LayoutError, match="distinct"):
-        plan(NODES, [Host("a"), Host("a")])
+    assert_refused(reliability, "--host a --host a", "distinct", plan, NODES, [Host("a"), Host("a")])
     for bad in ("a;rm -rf ~", "b$(id)", "../../escaped=1", "two words", "-lead"):
-        with pytest.raises(LayoutError, match=r"^--host .*: expected NAME or NAME=GPU,GPU,\.\.\., NAME a host name or IP"):
-            Host.parse(bad)
+        assert_refused(
+            reliability, f"--host {bad!r}", r"^--host .*: expected NAME or NAME=GPU,GPU,\.\.\., NAME a host name or IP", Host.parse, bad
+        )
     assert Host.parse("gpu-box-2.example.org=0,1") == Host("gpu-box-2.example.org", (0, 1))
     assert Host.parse("10.0.0.5").name == "10.0.0.5"
     for bad in ("not a host!!:::", "10.0.0.5:9999"):
-        with pytest.raises(LayoutError, match=r"^--superlink-address .*: expected a host name or IP without a port"):
-            plan(NODES, [Host("a")], superlink_address=bad)
+        assert_refused(
+            reliability, f"--superlink-address {bad!r}", r"^--superlink-address .*: expected a host name or IP without a port",
+            plan, NODES, [Host("a")], superlink_address=bad,
+        )
 
 
 def test_committed_compose_yaml_is_the_rendered_default(tmp_path):

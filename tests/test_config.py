@@ -56,12 +56,13 @@ def test_template_key_names_are_canonical():
         ("zzz", "zzz: not a setting of this app; see [tool.flwr.app.config] in pyproject.toml"),
     ],
 )
-def test_unknown_or_old_keys_say_what_to_write(run_config, key, message):
+def test_unknown_or_old_keys_say_what_to_write(run_config, reliability, key, message):
     run_config[key] = 8
     with pytest.raises(ConfigError) as err:
         AppConfig.from_run_config(run_config)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+    reliability.record("bad input", f"run config {key} = 8", f"refused: {err.value}")
 
 
 @pytest.mark.parametrize("value, expected", [(True, True), (False, False), ("auto", None)])
@@ -100,12 +101,13 @@ def test_demo_config_is_valid(run_config):
         ("static.dataset.name", "org/other", "static.dataset.name = 'org/other': a static leaderboard setting, fixed at 'vicgalle/alpaca-gpt4'"),
     ],
 )
-def test_bad_values_name_key_value_and_allowed(run_config, key, value, message):
+def test_bad_values_name_key_value_and_allowed(run_config, reliability, key, value, message):
     run_config[key] = value
     with pytest.raises(ConfigError) as err:
         AppConfig.from_run_config(run_config)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+    reliability.record("bad input", f"run config {key} = {value!r}", f"refused: {err.value}")
 
 
 def test_a_run_outside_the_leaderboard_may_change_the_static_settings(run_config):
@@ -115,18 +117,20 @@ def test_a_run_outside_the_leaderboard_may_change_the_static_settings(run_config
     assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
 
 
-def test_data_files_are_checked_where_rows_are_read_not_by_the_server(run_config):
+def test_data_files_are_checked_where_rows_are_read_not_by_the_server(run_config, reliability):
     """The ServerApp parses the same run config without the clients' data on its host."""
     run_config["dataset.data-files"] = "/no/such.json"
     config = AppConfig.from_run_config(run_config)
-    with pytest.raises(ConfigError, match=r"^dataset.data-files = '/no/such.json': no such file on this host$"):
+    with pytest.raises(ConfigError, match=r"^dataset.data-files = '/no/such.json': no such file on this host$") as err:
         config.dataset.check_files()
+    reliability.record("bad input", "run config dataset.data-files = '/no/such.json', on a node's host", f"refused: {err.value}")
 
 
-def test_missing_key(run_config):
+def test_missing_key(run_config, reliability):
     del run_config["train.training-arguments.max-steps"]
-    with pytest.raises(ConfigError, match=r"^train.training-arguments.max-steps: missing from the run config$"):
+    with pytest.raises(ConfigError, match=r"^train.training-arguments.max-steps: missing from the run config$") as err:
         AppConfig.from_run_config(run_config)
+    reliability.record("bad input", "run config without train.training-arguments.max-steps", f"refused: {err.value}")
 
 
 @pytest.mark.parametrize(
@@ -138,10 +142,11 @@ def test_missing_key(run_config):
         ({"num-partitions": 20}, "partition-id: missing from the node config"),
     ],
 )
-def test_bad_node_config(run_config, node_config, message):
+def test_bad_node_config(run_config, reliability, node_config, message):
     with pytest.raises(ConfigError) as err:
         NodeSettings.from_node_config(node_config, AppConfig.from_run_config(run_config))
     assert str(err.value) == message
+    reliability.record("bad input", f"node config {node_config}", f"refused: {err.value}")
 
 
 def test_good_node_config(run_config):
@@ -154,8 +159,8 @@ def test_good_node_config(run_config):
     assert (str(served.trainer_dir), served.trainer_home) == ("/trainers", "gpu1")
 
 
-def test_a_trainer_folder_needs_the_nodes_home(run_config):
-    with pytest.raises(ConfigError, match=r"^trainer-home: missing from the node config$"):
-        NodeSettings.from_node_config(
-            {"partition-id": 3, "num-partitions": 20, "trainer-dir": "/trainers"}, AppConfig.from_run_config(run_config)
-        )
+def test_a_trainer_folder_needs_the_nodes_home(run_config, reliability):
+    node_config = {"partition-id": 3, "num-partitions": 20, "trainer-dir": "/trainers"}
+    with pytest.raises(ConfigError, match=r"^trainer-home: missing from the node config$") as err:
+        NodeSettings.from_node_config(node_config, AppConfig.from_run_config(run_config))
+    reliability.record("bad input", f"node config {node_config}", f"refused: {err.value}")

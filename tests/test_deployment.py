@@ -49,6 +49,15 @@ def run(deployment, demo, results, timeout: float = 60, **overrides):
     return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _rounds_lost(planned: int, rounds: list[dict]) -> int:
+    """Planned rounds that aggregated no update: missing from metrics.jsonl, or with no client."""
+    return planned - sum(1 for r in rounds if r["clients"])
+
+
+def _layout(deployment) -> str:
+    return "trainer" if deployment.topology.trainers else "in-process"
+
+
 @pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
 def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     run_dir, rounds = run(
@@ -98,7 +107,7 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
 
 
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
-def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment, demo, tmp_path):
+def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment, demo, tmp_path, reliability):
     """Killed while it trains round 2: that node's update fails and is recorded; later rounds
     train on the restarted trainer."""
     victim = ping(deployment.trainer_dir, TRAINER, timeout=10)["pid"]
@@ -113,6 +122,13 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     assert restarted != victim
     assert {c["trainer-pid"] for c in rounds[2]["clients"]} == {restarted}
     assert_adapter_trained(demo, run_dir, final_round=3)
+    reliability.record(
+        "fault", "the warm trainer SIGKILLed while it trains round 2 of 3",
+        f"round 2 aggregated {len(rounds[1]['clients'])} update and recorded {len(rounds[1]['failed'])} failed "
+        f"({rounds[1]['failed'][0]['reason']}); "
+        f"round 3 trained on the restarted trainer; rounds in metrics.jsonl: {[r['round'] for r in rounds]}",
+        rounds_lost=_rounds_lost(3, rounds),
+    )
 
 
 def _kill_when(log, pattern: str, victim):
@@ -140,7 +156,7 @@ def _kill_when(log, pattern: str, victim):
     return result
 
 
-def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(demo, tmp_path):
+def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(demo, tmp_path, reliability):
     """Four nodes, every one sampled each round (leaderboard=false). In round 2 the node
     whose partition is training is SIGKILLed: the round aggregates the other three and
     records the failure under the node's own id and partition; the deployment restarts
@@ -162,7 +178,8 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
         match = killer()
         assert match is not None
         victim = int(match[1])
-        assert deployment.restarts() == {f"supernode-{victim}": 1}
+        restarts = deployment.restarts()
+        assert restarts == {f"supernode-{victim}": 1}
     by_partition = [{c["partition-id"]: c["node-id"] for c in r["clients"]} for r in rounds]
     assert sorted(by_partition[0]) == list(range(nodes))
     (failure,) = rounds[1]["failed"]
@@ -174,10 +191,16 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     # once more; its message then fails at once as unavailable, never stalling the round.
     assert all(f["node-id"] == failure["node-id"] and "Node Unavailable" in f["reason"] for f in rounds[2]["failed"])
     assert_adapter_trained(demo, run_dir, final_round=3)
+    reliability.record(
+        "fault", f"a SuperNode SIGKILLed while it trains round 2 of 3 ({nodes} nodes, all sampled)",
+        f"round 2 aggregated {len(by_partition[1])} partitions and recorded the killed node's as failed "
+        f"({failure['reason']}); the node restarted {sum(restarts.values())} time; round 3 trained {len(by_partition[2])} partitions",
+        rounds_lost=_rounds_lost(3, rounds),
+    )
 
 
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
-def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment, demo, tmp_path):
+def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment, demo, tmp_path, reliability):
     """The ServerApp is SIGKILLed once round 2's state is saved; a run submitted with
     results.resume-from continues in the same folder at round 3 (its learning rate and
     checkpoint number), and rounds 1 and 2 stay exactly as they were."""
@@ -204,9 +227,16 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
     trainer_log = (deployment.workdir / "logs" / "trainer-cpu.log").read_text()
     assert "round 3, partition" in trainer_log
     assert_adapter_trained(demo, run_dir, final_round=3)
+    kept = [a["round"] for a, b in zip(before, rounds) if a == b]
+    reliability.record(
+        "fault", "the ServerApp SIGKILLed after round 2 of 3, then the run resumed with results.resume-from",
+        f"resumed in the same folder; rounds {kept} kept unchanged in metrics.jsonl, "
+        f"round {rounds[-1]['round']} trained; resume.json at round {json.loads((run_dir / 'resume.json').read_text())['round']}",
+        rounds_lost=_rounds_lost(3, rounds) + len(before) - len(kept),
+    )
 
 
-def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path):
+def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path, reliability):
     from flwr.app import ArrayRecord
 
     from app.checkpoint import ResumeState, RunRecorder
@@ -219,13 +249,17 @@ def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path):
     recorder(RoundReport(1, ArrayRecord(initial_adapter(config.model, 0))))
     assert ResumeState.read(tmp_path, config).round == 1
     _, other = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 2, "model.lora.peft-lora-r": 4})
-    with pytest.raises(ConfigError, match=r"that run used model.lora = .*; resume with the same settings"):
-        ResumeState.read(tmp_path, other)
     _, shorter = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
-    with pytest.raises(ConfigError, match="it completed 1 rounds, num-server-rounds = 1"):
-        ResumeState.read(tmp_path, shorter)
-    with pytest.raises(ConfigError, match="no resume.json there"):
-        ResumeState.read(tmp_path / "elsewhere", config)
+    for what, folder, settings, message in [
+        ("a resume with model.lora.peft-lora-r = 4 of a run trained with 8", tmp_path, other,
+         r"that run used model.lora = .*; resume with the same settings"),
+        ("a resume with num-server-rounds = 1 of a run that completed round 1", tmp_path, shorter,
+         "it completed 1 rounds, num-server-rounds = 1"),
+        ("a resume from a folder without resume.json", tmp_path / "elsewhere", config, "no resume.json there"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as err:
+            ResumeState.read(folder, settings)
+        reliability.record("bad input", what, f"refused: {err.value}")
 
 
 LONG_LIVED_SKIP = ("flwr-clientapp", "flwr-serverapp")  # one per message / per run: not long-lived
@@ -247,7 +281,7 @@ def _long_lived_rss(deployment) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
-def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytestconfig):
+def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytestconfig, reliability):
     """20 SuperNodes, a SuperLink and the trainer over many rounds: every long-lived
     process's RSS grows at most 10 % from the baseline round (5 in the full soak of 20
     rounds) to the last. CI runs the short form; `--soak-rounds 20` runs the full one."""
@@ -277,6 +311,12 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
           f"largest growth {ratios[worst]:.3f}x ({worst})")
     grown = {name: (before[name], last[name]) for name in before if name in last and last[name] > 1.10 * before[name]}
     assert not grown, f"RSS grew more than 10 % from round {baseline_round} to {rounds_wanted}: {grown}"
+    reliability.record(
+        "fault", f"a soak: {rounds_wanted} rounds on {NODES} SuperNodes, a SuperLink and a warm trainer",
+        f"{len(rounds)} of {rounds_wanted} rounds completed; {len(grown)} of {len(ratios)} long-lived processes "
+        f"grew over 10 % in RSS from round {baseline_round} to {rounds_wanted}",
+        rounds_lost=_rounds_lost(rounds_wanted, rounds),
+    )
 
 
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
@@ -290,7 +330,7 @@ def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo
 
 def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
     """A plain `flwr run` sends results.dir as written; the ServerApp runs in the app folder."""
-    relative = f"results/relative-test-{os.getpid()}-{'trainer' if deployment.topology.trainers else 'in-process'}"
+    relative = f"results/relative-test-{os.getpid()}-{_layout(deployment)}"
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
     try:
         run_id = deployment.cli.submit(ROOT, {**sent, "results.dir": relative}, deployment.workdir)
@@ -302,7 +342,7 @@ def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
         shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
-def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, tmp_path):
+def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, tmp_path, reliability):
     """4-bit on CPU nodes, sent past the deploy tool's own check as a plain `flwr run` would."""
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1, "results.dir": str(tmp_path)})
     run_id = deployment.cli.submit(ROOT, {**sent, "model.quantization": 4}, deployment.workdir)
@@ -315,9 +355,15 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
     shown = deployment.cli.log(run_id)
     assert "Traceback" not in shown, shown
     assert "ServerApp stopped: no round aggregated an update" in shown, shown
+    reliability.record(
+        "bad input",
+        f"model.quantization = 4 sent to CPU nodes past the deploy tool, as a plain flwr run would ({_layout(deployment)})",
+        f"run {status}; round 1: {len(line['clients'])} updates, {len(line['failed'])} failed; "
+        f"the log says: {shown[shown.index('ServerApp stopped'):].splitlines()[0].replace(str(run_dir), '$RUN')}",
+    )
 
 
-def test_stopping_leaves_no_process(deployment, demo, tmp_path):
+def test_stopping_leaves_no_process(deployment, demo, tmp_path, reliability):
     """Stopped in the middle of a run (as Ctrl-C on `deploy run` does): every process group
     we started, with the SuperExec and trainer processes in it, and the ServerApp and
     ClientApps, which Flower's SuperExec starts in sessions of their own.
@@ -344,6 +390,10 @@ def test_stopping_leaves_no_process(deployment, demo, tmp_path):
         if (_pgid(p.pid) in groups or p.pid in started) and p.info["status"] != psutil.STATUS_ZOMBIE
     ]
     assert alive == []
+    reliability.record(
+        "fault", f"the deployment stopped in the middle of a run, as Ctrl-C on deploy run does ({_layout(deployment)})",
+        f"{len(alive)} processes left of the {len(groups)} process groups started and the ServerApp's own session",
+    )
 
 
 def _cmdline(process: psutil.Process) -> str:

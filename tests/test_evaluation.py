@@ -99,8 +99,16 @@ def test_score_is_per_category_and_averages_the_categories():
     assert scores["average"] != pytest.approx(4 / 7)  # not pooled over questions, as the leaderboard's Avg
 
 
+def assert_refused(reliability, what: str, message: str, call, *args) -> None:
+    """`call(*args)` stops with a one-line DeployError matching `message`: a bad input refused."""
+    with pytest.raises(DeployError, match=message) as error:
+        call(*args)
+    assert "\n" not in str(error.value)
+    reliability.record("bad input", what, str(error.value))
+
+
 @pytest.mark.timeout(120)
-def test_load_questions_from_local_files(mmlu_file, tmp_path):
+def test_load_questions_from_local_files(mmlu_file, tmp_path, reliability):
     questions = evaluation.load_questions(str(mmlu_file), evaluation.DEFAULT_CATEGORIES)
     assert [q["category"] for q in questions] == ["stem"] * 4 + ["social_sciences"] * 4 + ["humanities"] * 4
     assert [q["answer"] for q in questions[:4]] == ["A", "C", "A", "B"]
@@ -113,12 +121,14 @@ def test_load_questions_from_local_files(mmlu_file, tmp_path):
     (tmp_path / "folder" / "part.jsonl").write_text("\n".join(json.dumps(r) for r in mmlu_rows()))
     assert evaluation.load_questions(str(tmp_path / "folder"), ["humanities"]) == questions[8:]
 
-    with pytest.raises(DeployError, match="--categories other: no questions"):
-        evaluation.load_questions(str(_write(tmp_path / "stem.json", mmlu_rows()[:4])), ["other"])
-    with pytest.raises(DeployError, match="missing MMLU columns answer, choices"):
-        evaluation.load_questions(str(_write(tmp_path / "bad.json", [{"question": "q", "subject": "anatomy"}])), ["stem"])
-    with pytest.raises(DeployError, match="--data .*no such file"):
-        evaluation.load_questions(str(tmp_path / "missing.json"), ["stem"])
+    stem_only = str(_write(tmp_path / "stem.json", mmlu_rows()[:4]))
+    no_answers = str(_write(tmp_path / "bad.json", [{"question": "q", "subject": "anatomy"}]))
+    for what, message, data, categories in [
+        ("MMLU questions with none of the asked category", "--categories other: no questions", stem_only, ["other"]),
+        ("MMLU rows without answer and choices", "missing MMLU columns answer, choices", no_answers, ["stem"]),
+        ("MMLU data that does not exist", "--data .*no such file", str(tmp_path / "missing.json"), ["stem"]),
+    ]:
+        assert_refused(reliability, f"deploy eval: {what}", message, evaluation.load_questions, data, categories)
 
 
 def _write(path, rows):
@@ -185,11 +195,13 @@ def test_evaluate_generates_through_the_model_batch_invariant(demo, mmlu_file):
 
 
 @pytest.mark.timeout(300)
-def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_file, tmp_path):
+def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_file, tmp_path, reliability):
     run = tmp_path / "results" / "run1"
     config = make_run(run_config, run)
-    with pytest.raises(DeployError, match="without a round-N adapter"):
-        evaluation.cmd_eval(eval_args(run, "--data", mmlu_file, "--quantization", 0))
+    assert_refused(
+        reliability, "deploy eval of a run folder with no round-N adapter yet", "without a round-N adapter",
+        evaluation.cmd_eval, eval_args(run, "--data", mmlu_file, "--quantization", 0),
+    )
     questions = evaluation.load_questions(str(mmlu_file), evaluation.DEFAULT_CATEGORIES)
     save_adapter(initial_adapter(config.model, 1), config.model, run / "round-1")
     save_adapter(train_always_a(demo, config, questions), config.model, run / "round-10")  # newest: 10, not 2 by name
@@ -219,7 +231,7 @@ def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_fi
 
 
 @pytest.mark.timeout(120)
-def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_file):
+def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_file, reliability, capsys):
     run = tmp_path / "run"
     make_run(run_config, run)
     cases = [
@@ -232,13 +244,17 @@ def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_fil
         ((run, "--base-only", "--data", tmp_path / "none.json"), "--data .*none.json: no such file"),
     ]
     for argv, message in cases:
-        with pytest.raises(DeployError, match=message) as error:
-            evaluation.cmd_eval(eval_args(*argv))
-        assert "\n" not in str(error.value)
-    with pytest.raises(SystemExit):  # argparse: "invalid choice: 3 (choose from 4, 8, 0)", exit 2
+        command = " ".join(["deploy eval", *map(str, argv)])
+        assert_refused(reliability, command, message, evaluation.cmd_eval, eval_args(*argv))
+    with pytest.raises(SystemExit) as exit_:  # argparse: "invalid choice: 3 (choose from 4, 8, 0)", exit 2
         eval_args(run, "--quantization", 3)
+    assert exit_.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()[-1]  # after the usage lines
+    reliability.record("bad input", f"deploy eval {run} --quantization 3", f"exit {exit_.value.code}: {said}")
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(DeployError, match="--quantization 4: needs a CUDA GPU"):
-            evaluation.cmd_eval(eval_args(run, "--base-only", "--data", mmlu_file))
+        assert_refused(
+            reliability, f"deploy eval {run} --base-only (4-bit) without a CUDA GPU", "--quantization 4: needs a CUDA GPU",
+            evaluation.cmd_eval, eval_args(run, "--base-only", "--data", mmlu_file),
+        )

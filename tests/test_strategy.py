@@ -1,7 +1,5 @@
 """FedAvgOrFlexLora on real Flower Messages: weighting, FlexLoRA, and rejection of bad updates."""
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -52,7 +50,7 @@ def test_fedavg_weights_by_example_count():
     assert reports[0].arrays is arrays
 
 
-def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition():
+def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition(reliability):
     """Round 1: node 21 answers as partition 7. Round 2: it is sampled again and stays
     silent past the round's timeout; the round names it, with the partition it had."""
     strategy, reports = make_strategy()
@@ -62,6 +60,13 @@ def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition():
     assert reports[0].failed == []
     assert reports[1].failed == [{"node-id": 21, "partition-id": 7, "reason": "no reply within strategy.round-timeout"}]
     assert [c["node-id"] for c in reports[1].clients] == [11]
+    (silent,) = reports[1].failed
+    reliability.record(
+        "fault", "a sampled node (partition 7 in round 1) silent past strategy.round-timeout in round 2",
+        f"round 2 recorded node {silent['node-id']}, partition {silent['partition-id']} as failed ({silent['reason']}) "
+        f"and aggregated {len(reports[1].clients)} update",
+        rounds_lost=sum(not r.clients for r in reports),
+    )
 
 
 def test_flexlora_keeps_shapes_and_reproduces_the_weighted_product():
@@ -75,7 +80,7 @@ def test_flexlora_keeps_shapes_and_reproduces_the_weighted_product():
     torch.testing.assert_close(out[KEYS[1]] @ out[KEYS[0]], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
+def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliability):
     strategy, reports = make_strategy()
     good = adapter(1)
     nan = adapter(2)
@@ -85,23 +90,17 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     unpacked = ArrayRecord(good)  # one Array per tensor: not what our ClientApp sends
     garbage = pack_bytes(b"not a safetensors file")
     crashed = Message(Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train"))
-    replies = [
-        reply(11, good),
-        reply(12, nan),
-        reply(13, wrong_keys),
-        reply(14, wrong_shape),
-        reply(15, good, examples=0),
-        reply(19, {k: v.clone() for k, v in good.items()}, **{"train-loss": float("nan")}),
-        reply(17, unpacked),
-        reply(18, garbage),
-        crashed,
-    ]
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.addHandler(caplog.handler)
-    try:
-        arrays, _ = strategy.aggregate_train(3, replies)
-    finally:
-        flwr_logger.removeHandler(caplog.handler)
+    bad = {  # node: what its update carries, the update
+        12: ("a NaN in the adapter", reply(12, nan)),
+        13: ("an adapter with another key", reply(13, wrong_keys)),
+        14: ("an adapter of LoRA rank 5, the global one's 4", reply(14, wrong_shape)),
+        15: ("num-examples = 0", reply(15, good, examples=0)),
+        19: ("train-loss = NaN", reply(19, {k: v.clone() for k, v in good.items()}, **{"train-loss": float("nan")})),
+        17: ("the adapter as one Array per tensor, not packed", reply(17, unpacked)),
+        18: ("bytes that are not a safetensors file", reply(18, garbage)),
+    }
+    replies = [reply(11, good), *(update for _, update in bad.values()), crashed]
+    arrays, _ = strategy.aggregate_train(3, replies)
     out = arrays.to_torch_state_dict()
     for key in KEYS:
         torch.testing.assert_close(out[key], good[key])
@@ -116,12 +115,18 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog):
     assert reasons[17].startswith(f"expected one array named {KEY}, got 2")
     assert reasons[18].startswith(f"{KEY} is not a safetensors file")
     assert report.failed == [{"node-id": 16, "partition-id": None, "reason": "CUDA out of memory"}]
-    logged = "\n".join(r.getMessage() for r in caplog.records)
-    for node in (12, 13, 14, 15, 17, 18):
-        assert f"Round 3: rejected the update of node {node}" in logged
+    aggregated = f"the round aggregated node {report.clients[0]['node-id']} only"
+    for node, (what, _) in bad.items():
+        (line,) = [m for m in caplog.messages if m.startswith(f"Round 3: rejected the update of node {node}: ")]
+        reliability.record("bad input", f"a client's update with {what}", f"{line}; {aggregated}")
+    (failed,) = report.failed
+    reliability.record(
+        "fault", "a client whose training crashed (an error reply)",
+        f"recorded as failed: node {failed['node-id']}, {failed['reason']}; {aggregated}", rounds_lost=int(not report.clients),
+    )
 
 
-def test_round_without_a_good_update_keeps_the_global_adapter():
+def test_round_without_a_good_update_keeps_the_global_adapter(caplog, reliability):
     strategy, reports = make_strategy()
     nan = adapter(2)
     nan[KEYS[1]][:] = float("inf")
@@ -129,6 +134,9 @@ def test_round_without_a_good_update_keeps_the_global_adapter():
     assert arrays is None and metrics is None
     assert reports[0].arrays is strategy.current and reports[0].clients == []
     assert np.isfinite(strategy.current[KEYS[1]].numpy()).all()
+    said = [m for m in caplog.messages if m.startswith("Round 2: ")]
+    assert said[-1] == "Round 2: no update to aggregate; the global adapter stays as it was"
+    reliability.record("bad input", "a round whose only update has inf in its adapter", "; ".join(said))
 
 
 def test_the_global_adapter_travels_as_one_packed_array():

@@ -76,7 +76,7 @@ def test_the_model_loads_once_and_the_partition_cache_is_bounded(trainer):
     assert loads == [0, 1, 1, 2, 2]
 
 
-def test_other_code_or_other_model_settings_are_refused_with_both_versions(trainer):
+def test_other_code_or_other_model_settings_are_refused_with_both_versions(trainer, reliability):
     trainer_dir, config, _ = trainer
     with connect(trainer_dir, NAME, timeout=10) as conn:
         conn.send(Hello(PROTOCOL, "0123456789ab", config.model))
@@ -91,9 +91,11 @@ def test_other_code_or_other_model_settings_are_refused_with_both_versions(train
     message = str(err.value)
     assert message.startswith(f"trainer {NAME} serves model settings [") and "\n" not in message
     assert "LoRA r=8 " in message and "this run asks for [" in message and "LoRA r=4 " in message
+    reliability.record("bad input", "a ClientApp of other app code asks a warm trainer", f"refused: {refused}")
+    reliability.record("bad input", "a run with LoRA r=4 asks a warm trainer loaded with r=8", f"refused: {message}")
 
 
-def test_a_trainer_killed_mid_request_fails_that_request_and_comes_back(trainer):
+def test_a_trainer_killed_mid_request_fails_that_request_and_comes_back(trainer, reliability):
     trainer_dir, config, log_path = trainer
     victim = ping(trainer_dir, NAME, timeout=10)["pid"]
     slow = replace(config, train=replace(config.train, max_steps=2000))
@@ -122,3 +124,8 @@ def test_a_trainer_killed_mid_request_fails_that_request_and_comes_back(trainer)
     assert after["pid"] != victim and after["model-loads"] == 1
     assert f"trainer {NAME} (pid {victim}) exited with code -9; restarting it" in log_path.read_text()
     assert request(trainer_dir, config, 7).metrics["trainer-pid"] == after["pid"]
+    reliability.record(
+        "fault", "a warm trainer SIGKILLed in the middle of a request",
+        f"that request failed: {error}; the supervisor restarted the trainer, which loaded the model "
+        f"{after['model-loads']} time and trained the next request",
+    )
