@@ -207,15 +207,8 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
     overrides = {"num-server-rounds": 3, "train.save-every-round": 2, "train.training-arguments.max-steps": 20}
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(tmp_path), **overrides})
     run_id = deployment.cli.submit(ROOT, sent, tmp_path)
-    deadline = time.monotonic() + 120
-    while not (state := list(tmp_path.glob("*-run*/resume.json"))) or json.loads(state[0].read_text())["round"] < 2:
-        assert time.monotonic() < deadline, "round 2 never completed"
-        time.sleep(0.1)
-    (server,) = [p for p in psutil.process_iter(["cmdline"]) if run_id in " ".join(p.info["cmdline"] or ()) and
-                 "flwr-serverapp" in " ".join(p.info["cmdline"] or ())] or [
-        p for p in psutil.process_iter(["cmdline"]) if "flwr-serverapp" in " ".join(p.info["cmdline"] or ())]
-    server.kill()
-    run_dir = state[0].parent
+    run_dir = _wait_for_saved_round(tmp_path, 2)
+    _serverapp().kill()
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:2]
     assert [r["round"] for r in before] == [1, 2]
 
@@ -233,6 +226,61 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
         f"resumed in the same folder; rounds {kept} kept unchanged in metrics.jsonl, "
         f"round {rounds[-1]['round']} trained; resume.json at round {json.loads((run_dir / 'resume.json').read_text())['round']}",
         rounds_lost=_rounds_lost(3, rounds) + len(before) - len(kept),
+    )
+
+
+def _wait_for_saved_round(results, round_: int, timeout: float = 120):
+    """The run folder, once its resume state holds `round_`."""
+    deadline = time.monotonic() + timeout
+    while not (state := list(results.glob("*-run*/resume.json"))) or json.loads(state[0].read_text())["round"] < round_:
+        assert time.monotonic() < deadline, f"round {round_} never completed"
+        time.sleep(0.1)
+    return state[0].parent
+
+
+def _serverapp() -> psutil.Process:
+    """The one ServerApp process running (each test's runs are one at a time)."""
+    (server,) = [p for p in psutil.process_iter(["cmdline"]) if "flwr-serverapp" in " ".join(p.info["cmdline"] or ())]
+    return server
+
+
+def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability):
+    """The SuperLink is SIGKILLed once round 2's state is saved; its state dies with it
+    (the process backend starts each federation afresh). A new deployment resumes the run
+    from its folder: rounds 1 and 2 stay as they were, round 3 trains. Two partitions,
+    every node sampled, each ClientApp training itself, to keep the two starts short."""
+    federation = {"leaderboard": False, "static.dataset.num-partitions": 2, "static.strategy.fraction-train": 1.0}
+    overrides = {**federation, "num-server-rounds": 3, "train.training-arguments.max-steps": 20}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    sent, _ = resolve_run_config(ROOT, {**demo.run_config(), **federation})
+
+    def deployment(name: str) -> ProcessDeployment:
+        topology = plan(2, [Host("localhost")], superlink_port=free_port(), nodes_per_round=2, trainers=0)
+        return ProcessDeployment(topology, tmp_path / name, env, app_dir=ROOT, run_config=sent)
+
+    results = tmp_path / "results"
+    with deployment("first") as first:
+        run_sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(results), **overrides})
+        first.cli.submit(ROOT, run_sent, tmp_path)
+        run_dir = _wait_for_saved_round(results, 2)
+        server = _serverapp()
+        os.kill(first.pid_of("superlink"), signal.SIGKILL)
+        # Orphaned by its SuperLink, the ServerApp can reach nothing; a user's Ctrl-C or reboot ends it.
+        server.kill()
+    before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in before] == [1, 2]
+
+    with deployment("second") as second:
+        resumed, rounds = run(second, demo, results, **overrides, **{"results.resume-from": str(run_dir)})
+    assert resumed == run_dir
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[:2] == before
+    assert len(rounds[2]["clients"]) == 2
+    assert_adapter_trained(demo, run_dir, final_round=3)
+    reliability.record(
+        "fault", "the SuperLink SIGKILLed after round 2 of 3; a new deployment resumed the run with results.resume-from",
+        f"rounds {[r['round'] for r in before]} kept unchanged in metrics.jsonl, round {rounds[-1]['round']} trained "
+        f"by {len(rounds[-1]['clients'])} nodes of the new SuperLink",
+        rounds_lost=_rounds_lost(3, rounds),
     )
 
 
