@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from datasets import Dataset
+from datasets.exceptions import DatasetGenerationError
 from flwr_datasets import FederatedDataset
 from flwr_datasets.partitioner import IidPartitioner
 from transformers import PreTrainedTokenizerBase
 
-from app.config import DatasetSettings, TrainSettings
+from app.config import ConfigError, DatasetSettings, TrainSettings
 
 # The FlowerTune LLM template's Alpaca prompt, so scores stay comparable on the leaderboard.
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -34,7 +35,34 @@ def federated_dataset(settings: DatasetSettings, seed: int) -> FederatedDataset:
 
 
 def load_partition(settings: DatasetSettings, partition_id: int, seed: int) -> Dataset:
-    return federated_dataset(settings, seed).load_partition(partition_id, "train")
+    return checked_partition(federated_dataset(settings, seed), settings, partition_id)
+
+
+def checked_partition(dataset: FederatedDataset, settings: DatasetSettings, partition_id: int) -> Dataset:
+    """One node's rows, refused in one line where they cannot train: data files that are
+    not JSON rows, rows without the template's `instruction` and `output`, fewer rows
+    than partitions (some would be empty). Otherwise each would surface mid-round as a traceback."""
+    if settings.data_files:
+        source = f"dataset.data-files = {','.join(settings.data_files)!r}"
+    else:
+        source = f"static.dataset.name = {settings.name!r}"
+    try:
+        rows = dataset.load_partition(partition_id, "train")
+    except (DatasetGenerationError, PermissionError, UnicodeDecodeError) as err:
+        cause = err.__cause__ or err
+        reason = " ".join(str(cause).split())[:160]
+        raise ConfigError(f"{source}: cannot be read as JSON rows ({type(cause).__name__}: {reason})") from None
+    missing = [c for c in ("instruction", "output") if c not in rows.column_names]
+    if missing:
+        named = " or ".join(repr(c) for c in missing)
+        raise ConfigError(f"{source}: rows have no {named}; each row needs 'instruction' and 'output'")
+    total = dataset.load_split("train").num_rows
+    if total < settings.num_partitions:
+        raise ConfigError(
+            f"{source}: {total} rows for static.dataset.num-partitions = {settings.num_partitions}: "
+            "some partitions would be empty"
+        )
+    return rows
 
 
 def prompt_and_response(example: Mapping[str, str], append_input: bool) -> tuple[str, str]:

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load, save
 
 from app.config import AppConfig
-from app.dataset import federated_dataset, tokenize_partition
+from app.dataset import checked_partition, federated_dataset, tokenize_partition
 from app.gpu_admission import check_fits, resolve_checkpointing, visible_gpu_bytes
 from app.models import build_model, load_tokenizer
 from app.train import train_round
@@ -65,7 +65,7 @@ class Trainer:
         split = (config.dataset, config.train.seed)
         if split not in self._datasets:
             self._datasets = {split: federated_dataset(config.dataset, config.train.seed)}
-        rows = self._datasets[split].load_partition(partition_id, "train")
+        rows = checked_partition(self._datasets[split], config.dataset, partition_id)
         self._partitions[key] = (len(rows), tokenize_partition(rows, self.tokenizer, config.train, config.dataset))
         self.partition_loads += 1
         while len(self._partitions) > self.spec.cache_partitions:

@@ -7,6 +7,9 @@ backend both call `fetch`; a local model folder or local data files need nothing
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 from app.config import AppConfig, ConfigError
 
 
@@ -27,10 +30,29 @@ def fetch(config: AppConfig) -> list[str]:
                 f"from the hub: {type(err).__name__}: {reason}"
             ) from None
         lines.append(f"{config.model.name}: cached at {path}")
-    from app.dataset import federated_dataset
+    from app.dataset import load_partition
 
-    # Loading one partition downloads and prepares the whole split into the datasets cache.
-    rows = federated_dataset(config.dataset, config.train.seed).load_partition(0, "train").num_rows
+    # Loading one partition downloads and prepares the whole split into the datasets cache,
+    # and checks its rows: bad data stops `deploy run` before anything starts.
+    with _datasets_quietly():
+        rows = load_partition(config.dataset, 0, config.train.seed).num_rows
     source = ",".join(config.dataset.data_files) or config.dataset.name
     lines.append(f"{source}: cached ({rows} rows in partition 0 of {config.dataset.num_partitions})")
     return lines
+
+
+@contextmanager
+def _datasets_quietly() -> Iterator[None]:
+    """Our line says what was loaded, or why not, in one line; datasets' progress bars and
+    its own error log would put more lines around it."""
+    from datasets.utils import logging as datasets_logging
+
+    bars, level = datasets_logging.is_progress_bar_enabled(), datasets_logging.get_verbosity()
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
+        if bars:
+            datasets_logging.enable_progress_bar()

@@ -67,9 +67,19 @@ def test_bad_input_stops_before_anything_starts(demo, args, message, reliability
     [
         ('model.name="no-org/no-such-model"', "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) and not fetched from the hub: "),
         ('dataset.data-files="/no/such.json"', "error: dataset.data-files = '/no/such.json': no such file on this host"),
+        ('dataset.data-files="{bad}/not-json.json"', "error: dataset.data-files = '{bad}/not-json.json': cannot be read as JSON rows ("),
+        ('dataset.data-files="{bad}/no-output.json"', "error: dataset.data-files = '{bad}/no-output.json': rows have no 'output'; each row needs 'instruction' and 'output'"),
+        ('dataset.data-files="{bad}/three-rows.json"', "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: some partitions would be empty"),
     ],
 )
 def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, tmp_path, overrides, message, reliability):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "not-json.json").write_text("instruction: Add. output: 5")
+    (bad / "no-output.json").write_text('[{"instruction": "Add.", "input": "2 and 3"}]')
+    row = '{"instruction": "Add.", "input": "2 and 3", "output": "5"}'
+    (bad / "three-rows.json").write_text(f"[{row}, {row}, {row}]")
+    overrides, message = overrides.format(bad=bad), message.format(bad=bad)
     tried = f"deploy run with {overrides}, offline"
     if "model.name" not in overrides:
         overrides += f' model.name="{demo.model_dir}"'
