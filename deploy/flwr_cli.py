@@ -79,12 +79,17 @@ class FlwrCli:
         except json.JSONDecodeError:
             return None
 
-    def online_nodes(self) -> int | None:
-        """None while the SuperLink does not answer yet."""
+    def nodes(self) -> list[dict[str, Any]] | None:
+        """Every node the SuperLink knows, whatever its state; None while it does not answer."""
         reply = self.ask("supernode", "ls", self.connection)
         if not reply or not reply.get("success"):
             return None
-        return sum(1 for node in reply["nodes"] if node["status"] == "online")
+        return reply["nodes"]
+
+    def online_nodes(self) -> int | None:
+        """None while the SuperLink does not answer yet."""
+        nodes = self.nodes()
+        return None if nodes is None else sum(1 for node in nodes if node["status"] == "online")
 
     def wait_for_nodes(self, expected: int, timeout: float, alive: Callable[[], None]) -> None:
         """Polls the SuperLink's own node list; `alive` raises if a process we started died.

@@ -49,9 +49,9 @@ class Federation:
 
     def node_list(self) -> list[dict]:
         """Every node the SuperLink knows, whatever its state: `flwr supernode ls` over TLS."""
-        reply = self.tls.ask("supernode", "ls", self.tls.connection)
-        assert reply and reply["success"], reply
-        return reply["nodes"]
+        nodes = self.tls.nodes()
+        assert nodes is not None, "the SuperLink does not answer over TLS"
+        return nodes
 
     def registered_node_id(self) -> int:
         return int(re.search(r"SuperNode ID: (\d+)", self.log("registered")).group(1))
