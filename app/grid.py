@@ -8,7 +8,8 @@ with an error reply from itself (node id 1), and the round must name the node.
 
 A node whose own settings are wrong (a SuperNode started by hand with a partition id out
 of range, say) fails every round it is sampled in, the same way; after its first such
-reply the Grid no longer offers it for sampling, and says so once.
+reply the Grid no longer offers it for sampling, and says so once. Nor does it offer a
+node that repeats another online node's partition (`app.partition_owners`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 from app.config import NodeConfigError
+from app.partition_owners import PartitionOwners
 
 POLL_SECONDS = 0.25
 
@@ -33,6 +35,7 @@ class PromptGrid(Grid):
         self._poll = poll_seconds
         self._destinations: dict[str, int] = {}  # the last send's message ids and their nodes
         self.left_out: set[int] = set()  # nodes whose node config cannot work
+        self.owners = PartitionOwners()
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -47,7 +50,20 @@ class PromptGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        return [node for node in self._grid.get_node_ids() if node not in self.left_out]
+        online = self.online()
+        held_back = self.owners.held_back(online)
+        return [node for node in online if node not in self.left_out and node not in held_back]
+
+    def online(self) -> list[int]:
+        """Every node the SuperLink counts as online, whatever its settings."""
+        return list(self._grid.get_node_ids())
+
+    def claim(self, node: int, partition: int) -> int | None:
+        """The other online node that already trains `partition`, or None once `node` does."""
+        owner = self.owners.claim(node, partition, self.online())
+        if owner is not None:
+            log(WARNING, "Node %d repeats partition %d of node %d: held back from sampling while node %d is online", node, partition, owner, owner)
+        return owner
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)

@@ -72,7 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         lora_rank=config.model.lora.r,
         flexlora_split=config.strategy.flexlora_split,
         on_round=recorder,
-        node_of=prompt.node_of,
+        grid=prompt,
         first_round=done + 1,
         fraction_train=config.strategy.fraction_train,
         min_train_nodes=per_round,

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from app.aggregation import fedavg, flexlora
+from app.grid import PromptGrid
 from app.wire import WireError, pack, packed_bytes, unpack
 
 WEIGHT_KEY = "num-examples"
@@ -49,7 +50,7 @@ class FedAvgOrFlexLora(FedAvg):
         lora_rank: int,
         flexlora_split: str,
         on_round: Callable[[RoundReport], None],
-        node_of: Callable[[Message], int] = lambda reply: reply.metadata.src_node_id,
+        grid: PromptGrid | None = None,
         first_round: int = 1,
         **fedavg_args: Any,
     ) -> None:
@@ -63,7 +64,9 @@ class FedAvgOrFlexLora(FedAvg):
         # The global adapter the round's updates must match, set when the round is configured.
         self.current: ArrayRecord | None = None
         self.sent_bytes = 0  # the packed global adapter each sampled node receives this round
-        self.node_of = node_of
+        # The Grid names the node behind a SuperLink's error reply and keeps partition
+        # owners; without one (a bare strategy) replies name their nodes and none repeats.
+        self.grid = grid
         self.sampled: list[int] = []  # this round's nodes, to name those that never answered
         # A resumed run's next round: Flower counts from 1, the run from here, so clients
         # get the round's true learning rate and data seed, and checkpoints their number.
@@ -91,17 +94,21 @@ class FedAvgOrFlexLora(FedAvg):
         answered, errored = self._check_and_log_replies(replies, is_train=True, validate=False)
         replied = {self.node_of(m) for m in replies}
         silent = [n for n in self.sampled if n not in replied]
+        if self.grid is not None:
+            for node in [self.node_of(m) for m in errored] + silent:
+                self.grid.owners.release(node)
         accepted, rejected = [], []
         received: dict[int, int] = {}
-        for msg in answered:
-            received[msg.metadata.src_node_id] = _payload_bytes(msg)
-            if (partition := _partition_of(msg)) is not None:
-                self.partitions[msg.metadata.src_node_id] = partition
-            problem = self.unpack_reply(msg)
-            problem = problem or self.find_problem(msg.content)
+        # In node order, so that of two nodes repeating a partition the same one keeps it.
+        for msg in sorted(answered, key=lambda m: m.metadata.src_node_id):
+            node, partition = msg.metadata.src_node_id, _partition_of(msg)
+            received[node] = _payload_bytes(msg)
+            if partition is not None:
+                self.partitions[node] = partition
+            problem = self.repeated_partition(node, partition) or self.unpack_reply(msg) or self.find_problem(msg.content)
             if problem:
-                log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, msg.metadata.src_node_id, problem)
-                rejected.append({"node-id": msg.metadata.src_node_id, "partition-id": _partition_of(msg), "reason": problem})
+                log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, node, problem)
+                rejected.append({"node-id": node, "partition-id": partition, "reason": problem})
             else:
                 accepted.append(msg)
         arrays = metrics = None
@@ -133,6 +140,15 @@ class FedAvgOrFlexLora(FedAvg):
             )
         )
         return arrays, metrics
+
+    def node_of(self, reply: Message) -> int:
+        return self.grid.node_of(reply) if self.grid is not None else reply.metadata.src_node_id
+
+    def repeated_partition(self, node: int, partition: int | None) -> str | None:
+        """Two nodes on one partition would count its rows twice: only its owner's update counts."""
+        if self.grid is None or partition is None or (owner := self.grid.claim(node, partition)) is None:
+            return None
+        return f"partition-id {partition} is node {owner}'s, which is online: a repeated node config partition-id"
 
     def failure(self, node: int, reason: str) -> dict[str, Any]:
         partition = self.partitions.get(node)
