@@ -1,9 +1,8 @@
 """Writes what a run leaves behind: the global adapter in PEFT's format, a metrics log,
 and after every round the state a resumed run continues from.
 
-Everything is written under a temporary name, fsynced and renamed into place, and an old
-copy is removed only once its replacement is in place: a crash or power loss at any
-moment leaves the previous checkpoint or the new one, never half of one, never neither.
+Everything is written durably (`app.durable`): a crash or power loss at any moment leaves
+the previous checkpoint or the new one, never half of one, never neither.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from flwr.common import log
 
 from app.config import AppConfig, ConfigError, ModelSettings
+from app.durable import fsync_path, replace_folder, write_durably
 from app.models import lora_config
 from app.report import SETTINGS_JSON, progress_line, write_plots, write_summary
 from app.strategy import RoundReport
@@ -36,26 +36,6 @@ RESUME_JSON = "resume.json"
 STATE_DIR = "state"  # state/round-<k>: the global adapter after round k, for a resumed run
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace(partial: Path, final: Path) -> None:
-    """Puts a fully written (and fsynced) `partial` where `final` is; the old `final`
-    goes only after that, and the rename itself is made durable."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    partial.rename(final)
-    _fsync(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(state: Mapping[str, torch.Tensor], model: ModelSettings, folder: Path) -> Path:
     """The two files `PeftModel.from_pretrained` reads; no base model needed to write them."""
     partial = folder.with_name(folder.name + ".partial")
@@ -64,19 +44,13 @@ def save_adapter(state: Mapping[str, torch.Tensor], model: ModelSettings, folder
     lora_config(model).save_pretrained(str(partial))
     save_file({k: v.contiguous() for k, v in state.items()}, str(partial / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     for path in (*partial.iterdir(), partial):
-        _fsync(path)
-    _replace(partial, folder)
+        fsync_path(path)
+    replace_folder(partial, folder)
     return folder
 
 
 def write_json(path: Path, data: Mapping) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    _fsync(path.parent)
+    write_durably(path, json.dumps(data, indent=1, default=str).encode())
 
 
 @dataclass(frozen=True)
@@ -139,9 +113,7 @@ class RunRecorder:
             lines = self.metrics_file.read_text().splitlines()
             kept = [line for line in lines if line.strip() and json.loads(line)["round"] <= last]
             if len(kept) != len(lines):
-                partial = self.metrics_file.with_name(self.metrics_file.name + ".partial")
-                partial.write_text("".join(line + "\n" for line in kept))
-                os.replace(partial, self.metrics_file)
+                write_durably(self.metrics_file, "".join(line + "\n" for line in kept).encode())
 
     def save_state(self, server_round: int, arrays: ArrayRecord) -> None:
         """After every round: the adapter, then resume.json pointing at it, then the older one goes."""

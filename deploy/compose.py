@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 
 from deploy.project import parse_overrides
+from deploy.reaped import PREFIX as REAPED
+from deploy.tls import SUPEREXEC_SECRET
 from deploy.topology import SUPERNODE_ENV, Node, Topology, TrainerGroup
 
 PROJECT = "flowertune"
@@ -79,7 +81,7 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
         services["setup"] = _setup(topology, options)
         services["superlink"] = _superlink(topology, options)
         if not options.insecure:
-            services["register-nodes"] = _register_nodes(target, options)
+            services["register-nodes"] = _register_nodes(topology, target, options)
         services["serverapp"] = _serverapp(target, options)
         services["submit"] = _submit(topology, target, options)
     services["model-fetch"] = _model_fetch(options)
@@ -95,7 +97,7 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
 
 def _superexec_auth(options: RenderOptions) -> list[str]:
     """SuperLink and ServerApp container share it; see deploy.tls.make_superexec_secret."""
-    return [] if options.insecure else ["--superexec-auth-secret-file", f"{CERTS}/superexec.secret"]
+    return [] if options.insecure else ["--superexec-auth-secret-file", f"{CERTS}/{SUPEREXEC_SECRET}"]
 
 
 def _tls_args(options: RenderOptions, client: bool) -> list[str]:
@@ -110,8 +112,12 @@ def _tls_args(options: RenderOptions, client: bool) -> list[str]:
     ]
 
 
-def _certs_volume(options: RenderOptions) -> list[str]:
-    return [] if options.insecure else [f"{options.certs_dir}:{CERTS}:ro"]
+def _tls_files(options: RenderOptions, *names: str) -> list[str]:
+    """The TLS folder's files a service needs, bound one by one: its clients see only
+    ca.crt, the SuperLink alone its key, and no container but `setup` the CA key, whoever
+    owns the folder (a bound folder would show every file its user may read)."""
+    names = names or ("ca.crt",)
+    return [] if options.insecure else [f"{options.certs_dir}/{name}:{CERTS}/{name}:ro" for name in names]
 
 
 def _image(image: str) -> dict[str, Any]:
@@ -169,8 +175,9 @@ def _setup(topology: Topology, options: RenderOptions) -> dict[str, Any]:
     }
 
 
-def _register_nodes(target: str, options: RenderOptions) -> dict[str, Any]:
-    """One-shot: registers every SuperNode's public key, so only those nodes may join."""
+def _register_nodes(topology: Topology, target: str, options: RenderOptions) -> dict[str, Any]:
+    """One-shot: registers every SuperNode's public key, so only those nodes may join. It
+    sees the public keys only, each bound by itself, not the folder of private ones."""
     return {
         **_hardened(APP_IMAGE),
         "command": [
@@ -179,7 +186,10 @@ def _register_nodes(target: str, options: RenderOptions) -> dict[str, Any]:
             "--root-certificates", f"{CERTS}/ca.crt",
             "--keys", "/keys",
         ],
-        "volumes": [*_certs_volume(options), f"{options.keys_dir}:/keys:ro"],
+        "volumes": [
+            *_tls_files(options),
+            *(f"{options.keys_dir}/{node.name}.pub:/keys/{node.name}.pub:ro" for node in topology.nodes),
+        ],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
         "restart": "no",
     }
@@ -198,7 +208,7 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
             *(["--run-config", options.run_config] if options.run_config else []),
         ],
         # It checks the run config as the nodes will see it, model and data mounts included.
-        "volumes": [*_certs_volume(options), *options.extra_volumes],
+        "volumes": [*_tls_files(options), *options.extra_volumes],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
         "restart": "no",
     }
@@ -220,7 +230,7 @@ def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
             *_superexec_auth(options),
         ],
         "ports": [f"{port}:{port}"],
-        "volumes": ["superlink-state:/state", *_certs_volume(options)],
+        "volumes": ["superlink-state:/state", *_tls_files(options, "ca.crt", "superlink.crt", "superlink.key", SUPEREXEC_SECRET)],
         "depends_on": {"setup": {"condition": "service_completed_successfully"}},
         "healthcheck": {
             "test": ["CMD", "python", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"],
@@ -254,10 +264,10 @@ def _serverapp(target: str, options: RenderOptions) -> dict[str, Any]:
     return {
         **_common(APP_IMAGE),
         "command": [
-            "flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True), *_superexec_auth(options)
+            *REAPED, "flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True), *_superexec_auth(options)
         ],
         **_hub_access(),
-        "volumes": [f"{options.results_dir}:/app/results", *_certs_volume(options), *_model_config(options)],
+        "volumes": [f"{options.results_dir}:/app/results", *_tls_files(options, "ca.crt", SUPEREXEC_SECRET), *_model_config(options)],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
     }
 
@@ -310,6 +320,7 @@ def _supernode(
     service: dict[str, Any] = {
         **_common(APP_IMAGE),
         "command": [
+            *REAPED,
             "flower-supernode",
             "--superlink", target,
             "--node-config", f"{node.node_config} {training}",
@@ -319,7 +330,7 @@ def _supernode(
         **access,
         "volumes": [
             *volumes,
-            *_certs_volume(options),
+            *_tls_files(options),
             *([] if options.insecure else [f"{options.keys_dir}/{node.name}.key:/keys/node.key:ro"]),
             *options.extra_volumes,
         ],

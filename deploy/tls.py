@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from app.durable import write_durably
 from deploy.errors import DeployError
 
 VALIDITY = datetime.timedelta(days=365)
+SUPEREXEC_SECRET = "superexec.secret"
 CA_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowertune-deploy CA")])
 
 
@@ -85,8 +86,8 @@ def _new_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateK
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(files.ca_key, _private_pem(ca_key, serialization.PrivateFormat.PKCS8))
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    write_durably(files.ca_key, _private_pem(ca_key, serialization.PrivateFormat.PKCS8), mode=0o600)
+    write_durably(files.ca_cert, ca.public_bytes(serialization.Encoding.PEM))
     return ca, ca_key
 
 
@@ -129,8 +130,8 @@ def _issue_superlink_certificate(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(files.key, _private_pem(key, serialization.PrivateFormat.PKCS8))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_durably(files.key, _private_pem(key, serialization.PrivateFormat.PKCS8), mode=0o600)
+    write_durably(files.cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _key_usage(**allowed: bool) -> x509.KeyUsage:
@@ -147,10 +148,10 @@ def make_superexec_secret(folder: Path) -> Path:
     With `--isolation process` that API listens on the SuperLink's public port; without
     the secret, anyone holding the CA certificate could pull the ServerApp's tasks.
     """
-    path = folder / "superexec.secret"
+    path = folder / SUPEREXEC_SECRET
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        _write_private(path, secrets.token_hex(32).encode())
+        write_durably(path, secrets.token_hex(32).encode(), mode=0o600)
     return path
 
 
@@ -167,9 +168,9 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
         private, public = folder / f"{name}.key", folder / f"{name}.pub"
         if not (private.is_file() and public.is_file()):
             key = ec.generate_private_key(ec.SECP384R1())
-            _write_private(private, _private_pem(key, serialization.PrivateFormat.OpenSSH))
-            public.write_bytes(
-                key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            write_durably(private, _private_pem(key, serialization.PrivateFormat.OpenSSH), mode=0o600)
+            write_durably(
+                public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             )
         keys[name] = public
     return keys
@@ -177,16 +178,6 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
 
 def _private_pem(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Written 0600 under a temporary name, then renamed over `path`: a secret is never
-    readable by others, and a replaced key is never half written."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-        out.write(data)
-    os.replace(partial, path)
 
 
 def _san(name: str) -> x509.GeneralName:

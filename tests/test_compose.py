@@ -2,6 +2,8 @@
 
 import subprocess
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -146,11 +148,34 @@ def test_the_serverapp_mounts_no_data_and_no_weights(volume, config):
     """Of a local model, config.json alone, the one file the initial adapter is built from."""
     options = RenderOptions(extra_volumes=(volume,), model="/elsewhere", run_config='model.name="/demo/tiny"')
     (document,) = render(plan(NODES, [Host("h")]), options).values()
+    tls = ["./.deploy/certs/ca.crt:/certs/ca.crt:ro", "./.deploy/certs/superexec.secret:/certs/superexec.secret:ro"]
     assert document["services"]["serverapp"]["volumes"] == [
-        "./results:/app/results", "./.deploy/certs:/certs:ro", f"{config}:/demo/tiny/config.json:ro"
+        "./results:/app/results", *tls, f"{config}:/demo/tiny/config.json:ro"
     ]
     (hub,) = render(plan(NODES, [Host("h")])).values()  # a hub model: it fetches config.json itself
-    assert hub["services"]["serverapp"]["volumes"] == ["./results:/app/results", "./.deploy/certs:/certs:ro"]
+    assert hub["services"]["serverapp"]["volumes"] == ["./results:/app/results", *tls]
+
+
+def test_each_service_sees_only_the_tls_and_key_files_it_needs():
+    """The SuperLink alone holds its key; it and the ServerApp the SuperExec secret; no
+    container but `setup` sees the CA key; a SuperNode sees its own private key, and
+    register-nodes the public keys only. Nothing binds the TLS or keys folder whole but setup."""
+    (document,) = render(plan(NODES, [Host("h", (0,))])).values()
+    seen = {
+        name: {v.split(":")[0] for v in service.get("volumes", []) if v.startswith("./.deploy/")}
+        for name, service in document["services"].items()
+    }
+    assert seen.pop("setup") == {"./.deploy/certs", "./.deploy/keys"}
+    tls = {name: {Path(p).name for p in paths if p.startswith("./.deploy/certs/")} for name, paths in seen.items()}
+    assert tls.pop("superlink") == {"ca.crt", "superlink.crt", "superlink.key", "superexec.secret"}
+    assert tls.pop("serverapp") == {"ca.crt", "superexec.secret"}
+    clients = {"register-nodes", "submit", *(f"supernode-{i}" for i in range(NODES))}
+    assert tls == {name: {"ca.crt"} if name in clients else set() for name in tls}
+    keys = {name: {p for p in paths if p.startswith("./.deploy/keys")} for name, paths in seen.items()}
+    assert keys.pop("register-nodes") == {f"./.deploy/keys/supernode-{i}.pub" for i in range(NODES)}
+    for i in range(NODES):
+        assert keys.pop(f"supernode-{i}") == {f"./.deploy/keys/supernode-{i}.key"}
+    assert all(not paths for paths in keys.values())
 
 
 def assert_refused(reliability, what: str, pattern: str, call, *args, **kwargs) -> None:

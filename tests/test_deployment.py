@@ -104,6 +104,9 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     # A clean console: no per-process notice from bitsandbytes about an optional CPU kernel.
     every_log = "".join(p.read_text() for p in (deployment.workdir / "logs").glob("*.log")) + streamed
     assert "gemm_4bit_forward" not in every_log
+    # Flower's SuperExecs never wait for the ClientApps and the ServerApp they start; run under
+    # deploy.reaped, those exited processes left no zombie behind.
+    assert _lasting_zombies(deployment.pids()) == []
 
 
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
@@ -206,7 +209,7 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
     checkpoint number), and rounds 1 and 2 stay exactly as they were."""
     overrides = {"num-server-rounds": 3, "train.save-every-round": 2, "train.training-arguments.max-steps": 20}
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "results.dir": str(tmp_path), **overrides})
-    run_id = deployment.cli.submit(ROOT, sent, tmp_path)
+    deployment.cli.submit(ROOT, sent, tmp_path)
     run_dir = _wait_for_saved_round(tmp_path, 2)
     _serverapp().kill()
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][:2]
@@ -442,6 +445,22 @@ def test_stopping_leaves_no_process(deployment, demo, tmp_path, reliability):
         "fault", f"the deployment stopped in the middle of a run, as Ctrl-C on deploy run does ({_layout(deployment)})",
         f"{len(alive)} processes left of the {len(groups)} process groups started and the ServerApp's own session",
     )
+
+
+def _lasting_zombies(pids, seconds: float = 10) -> list[str]:
+    """Zombies in these process trees that stay `seconds`: children nobody waits for. One
+    that its parent is about to reap (a subprocess call returning) is gone by then."""
+    deadline = time.monotonic() + seconds
+    while (zombies := [p for p in _descendants(pids) if _status(p) == psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"{z.pid} under {_cmdline(psutil.Process(z.ppid()))!r}" for z in zombies if _status(z) == psutil.STATUS_ZOMBIE]
+
+
+def _status(process: psutil.Process) -> str | None:
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _cmdline(process: psutil.Process) -> str:

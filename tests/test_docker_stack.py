@@ -155,11 +155,54 @@ def test_containers_run_hardened_and_get_the_token_as_a_file_only(stack, hf_toke
     assert (code, out.decode().strip()) == (0, hashlib.sha256(hf_token.encode()).hexdigest())
 
 
+def test_only_the_superlink_sees_its_key_and_no_running_container_the_ca_key(stack):
+    """What each running container finds in /certs and /keys (the folders hold every file)."""
+    _, _, client = stack
+    seen: dict[str, set[str]] = {}
+    for container in containers(client):
+        if container.status == "running":
+            _, out = container.exec_run(["sh", "-c", "ls -A /certs /keys 2>/dev/null; true"])
+            seen[container.labels[f"{LABEL}.service"]] = set(out.decode().split()) - {"/certs:", "/keys:"}
+    assert seen.pop("superlink") == {"ca.crt", "superlink.crt", "superlink.key", "superexec.secret"}
+    assert seen.pop("serverapp") == {"ca.crt", "superexec.secret"}
+    assert seen.pop("trainer-cpu") == set()
+    supernodes = {service: seen.pop(service) for service in list(seen) if service.startswith("supernode-")}
+    assert supernodes and all(files == {"ca.crt", "node.key"} for files in supernodes.values())
+    assert seen == {}, "a running service the test does not know"
+
+
+COUNT_ZOMBIES = """
+import os
+zombies = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        zombies += open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:  # gone meanwhile
+        pass
+print(zombies)
+"""
+
+
+def test_the_processes_flower_starts_leave_no_zombies(stack, runs):
+    """After two runs: the ServerApps and ClientApps that Flower's SuperExecs started and
+    never waited for were reaped (deploy.reaped) in every running container."""
+    _, _, client = stack
+    zombies = {}
+    for container in containers(client):
+        if container.status == "running":
+            code, out = container.exec_run(["python", "-c", COUNT_ZOMBIES])
+            assert code == 0, out.decode()
+            zombies[container.labels[f"{LABEL}.service"]] = int(out)
+    assert {"serverapp", "supernode-0"} <= set(zombies) and set(zombies.values()) == {0}, zombies
+
+
 def test_the_serverapp_runs_with_no_data_and_no_weights(stack, runs):
     _, _, client = stack
     serverapp = client.containers.get(f"{PROJECT}-serverapp")
     mounts = {m["Destination"] for m in serverapp.attrs["Mounts"]}
-    assert mounts == {"/app/results", "/certs", "/run/secrets/hf_token", "/demo/tiny-gemma2/config.json"}
+    assert mounts == {
+        "/app/results", "/certs/ca.crt", "/certs/superexec.secret", "/run/secrets/hf_token", "/demo/tiny-gemma2/config.json"
+    }
     code, out = serverapp.exec_run(["ls", "-A", "/demo", "/demo/tiny-gemma2"])
     assert (code, out.decode().split()) == (0, ["/demo:", "tiny-gemma2", "/demo/tiny-gemma2:", "config.json"])
     assert {run.status for run in runs.values()} == {"finished:completed"}  # served by that ServerApp

@@ -32,6 +32,7 @@ from deploy.errors import DeployError
 from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection, write_run_config
 from deploy.project import resolve_run_config
+from deploy.reaped import PREFIX as REAPED
 from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
@@ -134,6 +135,7 @@ class ProcessDeployment:
         self.start(
             "superlink",
             [
+                *REAPED,
                 "flower-superlink",
                 "--insecure",
                 "--host", "127.0.0.1",
@@ -151,6 +153,7 @@ class ProcessDeployment:
             self.start(
                 node.name,
                 [
+                    *REAPED,
                     "flower-supernode",
                     "--insecure",
                     "--superlink", self.connection.address,
