@@ -19,6 +19,7 @@ import pytest
 
 from app.trainer_client import ping
 from deploy.backends.process import ProcessDeployment, free_port
+from deploy.errors import DeployError
 from deploy.project import resolve_run_config
 from deploy.topology import Host, plan
 from tests.conftest import ROOT, assert_adapter_trained
@@ -377,6 +378,22 @@ def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo
     )
     assert len(rounds[0]["clients"]) == 3  # int(0.15 * 20), where the leaderboard samples 2
     assert "leaderboard settings: **off**" in (run_dir / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
+def test_an_unknown_key_sent_by_a_plain_flwr_run_is_named_in_the_superlink_log(deployment, tmp_path, reliability):
+    """Flower checks the keys before the run exists and tells `flwr` only that the run
+    configuration is invalid; its SuperLink's own log names the key."""
+    with pytest.raises(DeployError, match=r"^flwr run failed: .*Invalid run configuration") as refused:
+        deployment.cli.submit(ROOT, {"model.lora.rr": 8}, tmp_path)
+    superlink_log = (deployment.workdir / "logs" / "superlink.log").read_text()
+    line = next(line for line in superlink_log.splitlines() if "Could not start run" in line)
+    assert "Key 'model.lora.rr' is not present" in line
+    reliability.record(
+        "bad input", "model.lora.rr = 8 (a typo) through a plain flwr run",
+        f"refused before the run existed: flwr says {str(refused.value)[str(refused.value).index('[code'):]!r}; "
+        f"the SuperLink log says: {line[line.index('Could not start run'):]}",
+    )
 
 
 def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
