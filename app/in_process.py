@@ -7,6 +7,8 @@ process per message), which is why deployments run warm trainers; this path keep
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -25,6 +27,7 @@ def train_in_process(
     config: AppConfig, node: NodeSettings, server_round: int, adapter: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     start = time.perf_counter()
+    _wait_for_own_children()
     partition = load_partition(config.dataset, node.partition_id, config.train.seed)
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(partition, tokenizer, config.train, config.dataset)
@@ -44,3 +47,11 @@ def train_in_process(
         del model
         torch.cuda.empty_cache()  # free the GPU before the next client takes the slot
     return {k: v.numpy() for k, v in state.items()}, {**metrics, "num-examples": len(partition), "prepare-seconds": prepared}
+
+
+def _wait_for_own_children() -> None:
+    """A SuperNode started under deploy.reaped hands its ClientApps SIGCHLD "ignored", so
+    that its SuperExec leaves no zombies; training may start processes of its own (the
+    compiler and workers of torch.compile, for flex attention) and must get their exit status."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -105,7 +105,10 @@ class FedAvgOrFlexLora(FedAvg):
             received[node] = _payload_bytes(msg)
             if partition is not None:
                 self.partitions[node] = partition
-            problem = self.repeated_partition(node, partition) or self.unpack_reply(msg) or self.find_problem(msg.content)
+            repeat = self.repeated_partition(node, partition)
+            problem = repeat or self.unpack_reply(msg) or self.find_problem(msg.content)
+            if problem and not repeat and self.grid is not None:
+                self.grid.owners.release(node)  # a bad update owns nothing
             if problem:
                 log(WARNING, "Round %d: rejected the update of node %d: %s", server_round, node, problem)
                 rejected.append({"node-id": node, "partition-id": partition, "reason": problem})

@@ -5,8 +5,9 @@ for it, so each one that exits stays `<defunct>` under its SuperNode until the n
 (15 after 5 rounds). SIGCHLD set to "ignore" survives exec and is inherited, and Linux then
 reaps every exited child at once. The price: a process below this one that waits for a
 child of its own gets no exit status (Python's subprocess reports 0). Flower's SuperExec
-waits only when it pip-installs an app at run time, which no deployment of ours allows,
-and our ClientApp and ServerApp start no processes.
+waits only when it pip-installs an app at run time, which no deployment of ours allows; a
+ClientApp that trains in its own process sets the default back first (`app.in_process`),
+and our ServerApp starts no processes.
 
     python -m deploy.reaped flower-supernode ARGS...
 """

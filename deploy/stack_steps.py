@@ -58,8 +58,9 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
 
 
 def _keep_ca_key_from_containers(files: TlsFiles) -> None:
-    """prepare_host_folder hands the folder to the images' user, and the SuperLink, ServerApp
-    and SuperNode containers mount it; only this root step signs, so the CA key stays root's."""
+    """prepare_host_folder hands the folder to the images' user; no other container binds
+    ca.key (deploy.compose binds files one by one), and root's ownership keeps it so for
+    anyone who binds the folder by hand: only this root step signs."""
     if os.geteuid() == 0 and files.ca_key.is_file():
         os.chown(files.ca_key, 0, 0)
 

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from app.grid import PromptGrid
 from app.strategy import FedAvgOrFlexLora, RoundReport
 from app.wire import KEY, pack, pack_bytes, unpack
 
@@ -31,9 +33,11 @@ def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Mess
     return Message(content, reply_to=instruction)
 
 
-def make_strategy(use_flexlora=False):
+def make_strategy(use_flexlora=False, grid=None):
     reports: list[RoundReport] = []
-    strategy = FedAvgOrFlexLora(use_flexlora=use_flexlora, lora_rank=4, flexlora_split="reference", on_round=reports.append, fraction_train=0.1)
+    strategy = FedAvgOrFlexLora(
+        use_flexlora=use_flexlora, lora_rank=4, flexlora_split="reference", on_round=reports.append, grid=grid, fraction_train=0.1
+    )
     strategy.current = ArrayRecord(adapter(0))
     return strategy, reports
 
@@ -157,3 +161,63 @@ def test_the_global_adapter_travels_as_one_packed_array():
     for key, tensor in adapter(5).items():
         np.testing.assert_array_equal(got[key], tensor.numpy())
     assert strategy.current is sent
+
+
+class Federation(Grid):
+    """Flower's Grid as far as partition ownership asks it: which nodes are online."""
+
+    def __init__(self, online: set[int]):
+        self.online = online
+
+    def get_node_ids(self):
+        return sorted(self.online)
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def set_run(self, run):
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError
+
+
+def test_a_repeated_partition_counts_once_and_its_repeat_is_held_back_while_the_owner_is_online():
+    federation = Federation({11, 12, 13})
+    grid = PromptGrid(federation)
+    strategy, reports = make_strategy(grid=grid)
+    p1 = {"partition-id": 1}
+    strategy.aggregate_train(1, [reply(12, adapter(1), **p1), reply(11, adapter(2), **p1), reply(13, adapter(3), **{"partition-id": 2})])
+    assert [c["node-id"] for c in reports[0].clients] == [11, 13], "of two repeats in one round, the lower node id"
+    assert reports[0].rejected == [
+        {"node-id": 12, "partition-id": 1, "reason": "partition-id 1 is node 11's, which is online: a repeated node config partition-id"}
+    ]
+    assert list(grid.get_node_ids()) == [11, 13]
+    federation.online.discard(11)  # the owner went offline: the repeat may train partition 1
+    assert list(grid.get_node_ids()) == [12, 13]
+    strategy.aggregate_train(2, [reply(12, adapter(4), **p1)])
+    assert [c["node-id"] for c in reports[1].clients] == [12] and reports[1].rejected == []
+
+
+def test_an_owner_whose_update_is_rejected_gives_its_partition_up():
+    """Else a node sending NaN would keep the partition, and the good node on it would be
+    refused and held back for as long as the bad one stays online."""
+    grid = PromptGrid(Federation({11, 12}))
+    strategy, reports = make_strategy(grid=grid)
+    nan = adapter(1)
+    nan[KEYS[0]][0, 0] = float("nan")
+    strategy.aggregate_train(1, [reply(11, nan, **{"partition-id": 1}), reply(12, adapter(2), **{"partition-id": 1})])
+    assert [c["node-id"] for c in reports[0].clients] == [12]
+    (rejected,) = reports[0].rejected
+    assert rejected["node-id"] == 11 and "NaN" in rejected["reason"]
+    assert list(grid.get_node_ids()) == [11, 12], "node 11 is no repeat: it never owned the partition"
