@@ -81,7 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = args.workdir or args.app / ".deploy"
     with ProcessDeployment(topology, workdir, os.environ, app_dir=args.app, run_config=sent) as deployment:
         print(f"SuperLink and {len(topology.nodes)} SuperNodes are up (logs: {deployment.workdir / 'logs'}).")
-        status = deployment.cli.run_to_completion(args.app, sent, deployment.workdir)
+        try:
+            status = deployment.cli.run_to_completion(args.app, sent, deployment.workdir, alive=deployment.check_alive)
+        except DeployError as died:  # the SuperLink or a trainer: everything is stopped on the way out
+            raise DeployError(
+                f"{died}; the rounds completed so far are saved in the run's folder under {config.results_dir}: "
+                "continue with `deploy run --resume FOLDER`"
+            ) from None
     print(f"Results: {config.results_dir}")
     return 0 if status == "finished:completed" else 1
 

@@ -143,11 +143,15 @@ class FlwrCli:
         run = reply["runs"][0]
         return run["status"], run.get("status-details", "")
 
-    def run_to_completion(self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path) -> str:
-        """Submits, streams the ServerApp log, and returns the run's final status."""
+    def run_to_completion(
+        self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path, alive: Callable[[], None] = lambda: None
+    ) -> str:
+        """Submits, streams the ServerApp log, and returns the run's final status. The stream
+        also ends when the SuperLink dies; `alive` then raises, naming it."""
         run_id = self.submit(app_dir, run_config, scratch)
         print(f"Run {run_id} submitted; streaming the ServerApp log.", flush=True)
         self.stream_logs(run_id)
+        alive()
         status, details = self.wait_finished(run_id, timeout=60)
         print(f"Run {run_id}: {status} {details}".rstrip(), flush=True)
         return status

@@ -6,11 +6,14 @@ once with a warm trainer serving the nodes, once with each ClientApp training it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -269,7 +272,9 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
         run_dir = _wait_for_saved_round(results, 2)
         server = _serverapp()
         os.kill(first.pid_of("superlink"), signal.SIGKILL)
-        # Orphaned by its SuperLink, the ServerApp can reach nothing; a user's Ctrl-C or reboot ends it.
+        # Orphaned by its SuperLink, the ServerApp can reach nothing; Flower's ServerApp
+        # does not always end by itself (its exit on a lost parent can hang), so it is
+        # stopped by hand, as README tells users to.
         server.kill()
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in before] == [1, 2]
@@ -285,6 +290,40 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
         f"rounds {[r['round'] for r in before]} kept unchanged in metrics.jsonl, round {rounds[-1]['round']} trained "
         f"by {len(rounds[-1]['clients'])} nodes of the new SuperLink",
         rounds_lost=_rounds_lost(3, rounds),
+    )
+
+
+def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume(demo, tmp_path, reliability):
+    """`deploy run` with its SuperLink SIGKILLed after round 1 of 6: it stops every process it
+    started and ends in one line naming the dead process and the way on, instead of waiting a
+    minute on a run status nobody can give and saying "unknown"."""
+    results = tmp_path / "results"
+    overrides = {
+        **demo.run_config(), "leaderboard": False, "static.dataset.num-partitions": 2,
+        "static.strategy.fraction-train": 1.0, "num-server-rounds": 6, "results.dir": str(results),
+    }
+    run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items())
+    workdir = tmp_path / "deploy"
+    command = [sys.executable, "-m", "deploy", "--app", str(ROOT), "run", "--gpus", "", "--workdir", str(workdir), "--run-config", run_config]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as deploy_run:
+        run_dir = _wait_for_saved_round(results, 1, timeout=300)
+        server = _serverapp()
+        (superlink,) = [p for p in psutil.process_iter(["cmdline"]) if str(workdir / "superlink.db") in (p.info["cmdline"] or ())]
+        superlink.kill()
+        _, stderr = deploy_run.communicate(timeout=120)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        server.kill()  # Flower's orphaned ServerApp, which README says to stop by hand
+    assert deploy_run.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith("error: superlink exited with code -9: ")
+    assert stderr.rstrip().endswith(f"saved in the run's folder under {results}: continue with `deploy run --resume FOLDER`")
+    assert [p for p in psutil.process_iter(["cmdline"]) if str(workdir) in " ".join(p.info["cmdline"] or ())] == []
+    kept = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert kept[0] == 1 and json.loads((run_dir / "resume.json").read_text())["round"] == kept[-1]
+    reliability.record(
+        "fault", "deploy run with its SuperLink SIGKILLed after round 1 of 6",
+        f"deploy run stopped every process it started and exited 2 with one line: "
+        f"error: superlink exited with code -9: … continue with `deploy run --resume FOLDER`; rounds {kept} kept",
     )
 
 
