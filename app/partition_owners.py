@@ -21,8 +21,7 @@ class PartitionOwners:
 
     def claim(self, node: int, partition: int, online: Collection[int]) -> int | None:
         """The other online node that owns `partition`, or None once `node` owns it."""
-        owner = self._owner.get(partition)
-        if owner is not None and owner != node and owner in online:
+        if (owner := self._other_online_owner(node, partition, online)) is not None:
             self._repeats[node] = partition
             return owner
         self._owner[partition] = node
@@ -35,8 +34,8 @@ class PartitionOwners:
 
     def held_back(self, online: Collection[int]) -> set[int]:
         """Repeats whose partition's owner is still online: sampling them would be wasted."""
-        return {
-            node
-            for node, partition in self._repeats.items()
-            if (owner := self._owner.get(partition)) is not None and owner != node and owner in online
-        }
+        return {node for node, partition in self._repeats.items() if self._other_online_owner(node, partition, online) is not None}
+
+    def _other_online_owner(self, node: int, partition: int, online: Collection[int]) -> int | None:
+        owner = self._owner.get(partition)
+        return owner if owner is not None and owner != node and owner in online else None
