@@ -13,6 +13,10 @@ Flower's polling, ClientApp process start and imports, message transfer).
 
     python bench/round_bench.py --label warm-1gpu --gpus 0 --model DIR --data FILE --runs fedavg,flexlora --json OUT.json
     python bench/round_bench.py --label scale-4gpu --gpus 0,1,2,3 --fit-trainers --runs fedavg,fedavg@0.5 ...
+
+`--backend docker` starts the same topology as containers (`deploy up --no-submit`, images
+built beforehand) and submits through the `remote-deployment` connection it registers, as
+a user does; the model and data folders are mounted read-only at /model and /data.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 from app.report import read_rounds
 from app.report import round_rows as report_rows
 from deploy.backends.process import ProcessDeployment, free_port
+from deploy.flwr_cli import FlwrCli
 from deploy.project import resolve_run_config
 from deploy.topology import Host, parse_gpus, plan, trainers_per_gpu
 
@@ -149,6 +157,35 @@ def trainers_that_fit(config, gpus: list[int]) -> int:
     return max(1, trainings_that_fit(replace(config.model, gradient_checkpointing=False), config.train, total))
 
 
+@contextmanager
+def docker_stack(args: argparse.Namespace, sent: dict, env: dict, trainers: int) -> Iterator[tuple[FlwrCli, dict]]:
+    """`deploy up` of this host's stack, torn down (`deploy down`) however the runs end.
+    Yields the CLI of its connection and what the runs' overrides must say instead of host
+    paths: the containers see the model at /model and the data file under /data."""
+    model, data = Path(args.model).resolve(), Path(args.data).resolve()
+    inside = {"model.name": "/model", "dataset.data-files": f"/data/{data.name}"}
+    config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**sent, **inside}.items())
+    workdir = args.workdir / args.label
+    layout = [
+        "--gpus", args.gpus, "--gpu-request", args.gpu_request, "--dir", str(workdir),
+        "--volume", f"{model}:/model:ro", "--volume", f"{data.parent}:/data:ro", "--run-config", config,
+    ]
+    env = {**env, "FLWR_HOME": str(workdir / "flwr-home")}
+    deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT)]
+    subprocess.run([*deploy, "down", *layout], env=env, check=False, capture_output=True)
+    try:
+        subprocess.run([*deploy, "up", *layout, "--no-submit", "--trainers-per-gpu", str(trainers)], env=env, check=True)
+        yield FlwrCli(Path(sys.executable).parent / "flwr", workdir / "flwr-home", "remote-deployment", env), inside
+    finally:
+        subprocess.run([*deploy, "down", *layout], env=env, check=False)
+
+
+@contextmanager
+def process_deployment(args: argparse.Namespace, topology, sent: dict, env: dict) -> Iterator[tuple[FlwrCli, dict]]:
+    with ProcessDeployment(topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent) as deployment:
+        yield deployment.cli, {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", required=True)
@@ -168,6 +205,8 @@ def main() -> None:
     ap.add_argument("--run-config", default="", help="extra overrides, 'key=value ...'")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/round-bench"))
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--backend", choices=("process", "docker"), default="process")
+    ap.add_argument("--gpu-request", choices=("nvidia", "cdi"), default="nvidia", help="with --backend docker")
     args = ap.parse_args()
 
     from flwr.common.config import parse_config_args
@@ -189,24 +228,29 @@ def main() -> None:
         trainers = min(trainers_per_gpu(host, per_round, None), trainers_that_fit(config, gpus))
     topology = plan(nodes, [host], superlink_port=free_port(), nodes_per_round=per_round, trainers=trainers)
     result: dict = {
-        "label": args.label, "gpus": args.gpus, "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
+        "label": args.label, "backend": args.backend, "gpus": args.gpus, "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
         "layout": topology.table().splitlines()[:3], "runs": {},
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with GpuSampler() as sampler:
         start = time.monotonic()
-        with ProcessDeployment(topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent) as deployment:
+        stack = docker_stack(args, sent, env, result["trainers-per-gpu"]) if args.backend == "docker" else process_deployment(args, topology, sent, env)
+        with stack as (cli, inside):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
             print(f"[{args.label}] deployment up in {result['startup-seconds']} s, {result['trainers-per-gpu']} trainers per GPU", flush=True)
             sampler.take(gpus)
             for name, fraction in runs:
                 key = name if fraction is None else f"{name}@{fraction}"
                 results = args.workdir / args.label / f"results-{key}"
-                overrides = {**sent, "strategy.use-flexlora": int(name == "flexlora"), "results.dir": str(results)}
+                # A container writes results under its /app/results, the host's <workdir>/results.
+                out = f"results/{key}" if args.backend == "docker" else str(results)
+                if args.backend == "docker":
+                    results = args.workdir / args.label / out
+                overrides = {**sent, **inside, "strategy.use-flexlora": int(name == "flexlora"), "results.dir": out}
                 if fraction is not None:
                     overrides.update({"leaderboard": False, "static.strategy.fraction-train": fraction})
-                run_id = deployment.cli.submit(ROOT, overrides, args.workdir / args.label)
-                status, details = deployment.cli.wait_finished(run_id, timeout=3600)
+                run_id = cli.submit(ROOT, overrides, args.workdir / args.label)
+                status, details = cli.wait_finished(run_id, timeout=3600)
                 if status != "finished:completed":
                     raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
                 (run_dir,) = results.glob(f"*-run{run_id}")

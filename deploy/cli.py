@@ -11,10 +11,10 @@ from pathlib import Path
 
 
 from app.config import AppConfig, ConfigError
-from deploy import evaluation, stack_steps
+from deploy import cdi, evaluation, stack_steps
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
-from deploy.compose import RenderOptions, render, write
+from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
 from deploy.demo import build_demo
 from deploy.images import GPU_BASE, build_images, outdated_images
 from deploy.errors import DeployError
@@ -108,7 +108,11 @@ def _topology(args: argparse.Namespace) -> Topology:
 
 def _render_options(args: argparse.Namespace) -> RenderOptions:
     return RenderOptions(
-        insecure=args.insecure, model=args.model, extra_volumes=tuple(args.volume or ()), run_config=args.run_config or ""
+        insecure=args.insecure,
+        model=args.model,
+        extra_volumes=tuple(args.volume or ()),
+        run_config=args.run_config or "",
+        gpu_request=args.gpu_request,
     )
 
 
@@ -249,6 +253,13 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--volume", action="append", help="extra SRC:DST[:ro] mount for app containers, e.g. data")
         p.add_argument("--run-config", help="overrides the `submit` service runs the job with, 'key=value ...'")
         p.add_argument("--dir", type=Path, help="where compose-relative paths (certs, results) live (default: --app)")
+        p.add_argument(
+            "--gpu-request",
+            choices=GPU_REQUESTS,
+            default="nvidia",
+            help="how containers ask for their GPU: NVIDIA's container runtime (default) or a CDI device "
+            "nvidia.com/gpu=N (engines with CDI enabled; `deploy cdi-spec` writes the spec where the toolkit is absent)",
+        )
 
     p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
     stack_args(p_render)
@@ -283,6 +294,7 @@ def parser() -> argparse.ArgumentParser:
     p_report.set_defaults(func=cmd_report)
 
     evaluation.add_command(commands)
+    cdi.add_command(commands)
     stack_steps.add_commands(commands)
     return root
 

@@ -25,9 +25,13 @@ def node_config(service, part: str = "partition") -> str:
     return " ".join(words[:2] if part == "partition" else words[2:])
 
 
+def devices_of(service):
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
 def gpu_of(service):
-    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-    return int(devices[0]["device_ids"][0]) if devices else None
+    devices = devices_of(service)
+    return int(devices[0]["device_ids"][0].removeprefix("nvidia.com/gpu=")) if devices else None
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 3, 8])
@@ -97,6 +101,30 @@ def test_insecure_is_an_explicit_opt_out():
     assert "--insecure" in insecure["services"]["superlink"]["command"]
     assert "--certs" not in insecure["services"]["setup"]["command"]
     assert "register-nodes" not in insecure["services"]
+
+
+@pytest.mark.parametrize("request_kind", ["nvidia", "cdi"])
+def test_each_gpu_service_asks_for_its_one_gpu_the_chosen_way(request_kind):
+    """NVIDIA's runtime by index; CDI by the spec's device name (compose requires a capability
+    there too, which the engine's CDI driver ignores)."""
+    options = RenderOptions(gpu_request=request_kind)
+    (document,) = render(plan(NODES, [Host("gpu-box", (0, 1))]), options).values()
+    gpu_services = {n: s for n, s in document["services"].items() if n.startswith(("supernode-", "trainer-"))}
+    assert len(gpu_services) == NODES + 2
+    for name, service in gpu_services.items():
+        (device,) = devices_of(service)
+        gpu = gpu_of(service)
+        if request_kind == "cdi":
+            assert device == {"driver": "cdi", "device_ids": [f"nvidia.com/gpu={gpu}"], "capabilities": ["gpu"]}, name
+        else:
+            assert device == {"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}, name
+    assert not any(devices_of(document["services"][n]) for n in ("superlink", "serverapp", "submit", "model-fetch", "setup"))
+
+
+def test_gpu_request_reaches_the_rendered_file_from_the_command_line(tmp_path):
+    assert main(["--app", str(ROOT), "render", "--gpus", "0,1", "--gpu-request", "cdi", "--out", str(tmp_path)]) == 0
+    document = yaml.safe_load((tmp_path / "compose.yaml").read_text())
+    assert devices_of(document["services"]["supernode-1"]) == [{"driver": "cdi", "device_ids": ["nvidia.com/gpu=1"], "capabilities": ["gpu"]}]
 
 
 def test_the_docker_sdk_backend_translates_every_key_we_render():
@@ -215,8 +243,9 @@ def test_committed_compose_yaml_is_the_rendered_default(tmp_path):
     [[Host("localhost", (0,))], [Host("localhost", tuple(range(8)))], [Host("a", (0, 1)), Host("b", (0,))], [Host("cpu")]],
     ids=["1gpu", "8gpu", "2hosts", "cpu"],
 )
-def test_docker_compose_accepts_every_rendered_file(hosts, tmp_path, docker_engine):
-    for path in write(plan(NODES, hosts), tmp_path):
+@pytest.mark.parametrize("request_kind", ["nvidia", "cdi"])
+def test_docker_compose_accepts_every_rendered_file(hosts, request_kind, tmp_path, docker_engine):
+    for path in write(plan(NODES, hosts), tmp_path, RenderOptions(gpu_request=request_kind)):
         done = subprocess.run(["docker", "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True)
         assert done.returncode == 0, f"{path.name}: {done.stderr}"
 
