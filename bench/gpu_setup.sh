@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device helper, called by bench/gpu_smoke.sh: bash bench/gpu_setup.sh /var/tmp/ftvenv
+# Device helper, called by bench/gpu_common.sh's gemma2_host: bash bench/gpu_setup.sh /var/tmp/ftvenv
 #
 # A venv on the GPU machine that sees the image's torch / transformers / peft / accelerate
 # (a .pth file adds the image's site-packages AFTER the venv's own, via site.addsitedir) and holds what the

@@ -1,6 +1,6 @@
 """A Gemma2-9B-shaped model with random weights, built on the GPU in bf16 and saved as safetensors.
 
-Device command (inside bench/gpu_smoke.sh):
+Device command (inside bench/gpu_common.sh's gemma2_host):
     python bench/make_random_gemma2.py --out /var/tmp/gemma2-9b-random --tokenizer .gpu-carry/tokenizer
 
 Shapes are Gemma2-9B's (9.24 B parameters, 42 layers, vocab 256000); the tokenizer is the

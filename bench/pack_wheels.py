@@ -9,7 +9,7 @@ flwr-datasets, datasets, bitsandbytes, pyarrow, etc., and no internet.
     cp pip-26.0.1-py3-none-any.whl .gpu-carry/pack/    # bench/gpu_setup.sh runs pip from it
 
 As used on 2026-11-25 (47 wheels, 21.2 MiB): the default --exclude leaves out what the
-device image already has in a compatible version (its pip list: bench/results/inventory.txt);
+device image already has in a compatible version (its pip list: bench/results/inventory.txt, in git history at f7f36fd);
 the venv still shadows packaging, protobuf, rich, typer and fsspec, whose device versions
 (26.3, 7.36, 15.0, 0.27, 2026.7) are outside flwr 1.42's / datasets 4.8.5's pins.
 

@@ -6,12 +6,12 @@ seed's client settings (batch 2 x 512, grad accumulation 4).
 
 Variants (the training loop below is the same for both):
   ours      app.models.build_model: bf16 norms/embeddings, checkpointing with use_reentrant=True
-            (False until the switch after bench/results/reentrant_ab.txt)
+            (False until the switch after bench/memory/reentrant_ab.txt)
   template  the FlowerTune template's get_model: same BitsAndBytesConfig and LoraConfig, but
             peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...) first
             (it upcasts every non-4-bit parameter, the 256k-row embedding too, to float32)
 
-Device commands (inside bench/gpu_call1.sh and bench/gpu_ours_vs_template.sh; the earlier gpu_memory_side_by_side.sh and gpu_reentrant_ab.sh are in git history):
+Device commands (inside bench/memory/ours_vs_template.sh; the earlier gpu_call1.sh, gpu_memory_side_by_side.sh and gpu_reentrant_ab.sh are in git history):
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
     PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
 Options:

@@ -10,7 +10,7 @@
 #      check, then the process backend's rounds (FedAvg, FlexLoRA)
 #   C  same carry: the same rounds with `--backend docker --gpu-request cdi`
 #   D  same carry: faults in containers, then a plain `docker compose up` of a rendered CDI file
-# Conditions as bench/gpu_side_by_side.sh: random Gemma2-9B-shaped weights, the demo
+# Conditions as bench/round_time/side_by_side.sh: random Gemma2-9B-shaped weights, the demo
 # tokenizer, 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, 4 rounds.
 . bench/gpu_common.sh "docker_gpu_$1.log"
 R=/var/tmp/docker-gpu-results

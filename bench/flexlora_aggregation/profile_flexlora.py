@@ -11,9 +11,9 @@ window it reports, for FedAvg and FlexLoRA; then a cProfile of the FlexLoRA path
 the effect of torch's thread count, alone and with N busy processes on the cores (the
 real ServerApp shared a 32-core host with training processes).
 
-    python bench/profile_flexlora.py                          # everything, this machine
-    python bench/profile_flexlora.py --threads 1,2,4,16 --busy 16
-    python bench/profile_flexlora.py --no-flwr --threads 1,16 --busy 16   # torch only
+    python bench/flexlora_aggregation/profile_flexlora.py                          # everything, this machine
+    python bench/flexlora_aggregation/profile_flexlora.py --threads 1,2,4,16 --busy 16
+    python bench/flexlora_aggregation/profile_flexlora.py --no-flwr --threads 1,16 --busy 16   # torch only
 
 Without flwr importable (or with --no-flwr) only the torch part runs (math, threads).
 """
@@ -38,9 +38,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The last commit before 82fda84 changed app/strategy.py: LoraFedAvg with Flower's FedAvg
-# arithmetic and sqrt split, as in bench/results/warm_trainers (aggregation 4.1-7.2 s).
+# arithmetic and sqrt split, as in bench/round_time/historical_h100 (aggregation 4.1-7.2 s).
 MEASURED_REV = "5f934c1"
 
 

@@ -11,13 +11,13 @@ pyproject at run time); the template keeps what it hard-codes (prompt, masking, 
 dropout 0.075, constant schedule, fp32, checkpointing). Pass the settings that make ours
 behave like the template (or unlike it) with --run-config, Flower's syntax, and rerun.
 
-    .venv/bin/python bench/template_step.py --label today
-    .venv/bin/python bench/template_step.py --label learn-eos --run-config 'train.learn-eos=true'
+    .venv/bin/python bench/fidelity/template_step.py --label today
+    .venv/bin/python bench/fidelity/template_step.py --label learn-eos --run-config 'train.learn-eos=true'
 
 First run: pip downloads flwr==1.24.0 (templates only, not installed) and installs
 trl==0.8.1 + omegaconf 2.3.0 with --no-deps under --work; they go last on sys.path.
 Not reproducible on a CPU: the template's 4-bit load (both sides load fp32 weights).
-Output: bench/results/template_step/<label>.json and .txt.
+Output: bench/fidelity/<label>.json and .txt.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 TEMPLATE_FLWR, TEMPLATE_TRL = "1.24.0", "0.8.1"
 TPL = "flwr/cli/new/templates/app/"
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--server-round", type=int, default=1)
     ap.add_argument("--assets", type=Path, help="reuse this folder's tiny-gemma2/ and alpaca.json (else built)")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "flowertune-template-step")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/template_step")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/fidelity")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     _, tpl_config = fetch_template(args.work)

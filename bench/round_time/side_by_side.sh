@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Device commands for the side-by-side round benchmark (bench/README.md, "Warm trainers"),
 # on a 2-GPU machine, two calls on the same warm machine:
-#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
-#   run(command="bash bench/gpu_side_by_side.sh B", carry=[same])
-#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh C", carry=[same])
-#   run(kind="nvidia-h100-x2", command="bash bench/gpu_side_by_side.sh D", carry=[same])
+#   run(kind="nvidia-h100-x2", command="bash bench/round_time/side_by_side.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
+#   run(command="bash bench/round_time/side_by_side.sh B", carry=[same])
+#   run(kind="nvidia-h100-x2", command="bash bench/round_time/side_by_side.sh C", carry=[same])
+#   run(kind="nvidia-h100-x2", command="bash bench/round_time/side_by_side.sh D", carry=[same])
 # A: warm trainers on GPU 0 (FedAvg then FlexLoRA on one deployment) while GPU 1 runs the
 #    seed mode with FedAvg; then warm trainers on GPUs 0,1 (FedAvg).
 # B: ours in process (today's path: a fresh ClientApp per round, checkpointing on) on GPU 0
@@ -15,7 +15,7 @@
 #    GPU 0 eager, GPU 1 flex_attention, each first with NF4 + double quant + dropout 0.05
 #    (our choice before issue 12) and then with the template's FP4, no double quant, 0.075;
 #    the FP4 eager deployment also runs FlexLoRA (one-thread aggregation); once GPU 1 is done,
-#    bench/attention_probe.py trains one fixed partition from the same adapter there, eager
+#    bench/round_time/attention_probe.py trains one fixed partition from the same adapter there, eager
 #    then flex_attention, for the per-step losses.
 # A and B ran before the packing: their warm and in-process rounds paid ~45 s of transfers.
 # The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
@@ -72,7 +72,7 @@ case "$1" in
     (
       LIMIT=170 ours flex-fp4 1 fedavg --run-config "model.attention='flex_attention'"
       for a in eager flex_attention; do
-        CUDA_VISIBLE_DEVICES=1 timeout -k 10 60 $PY bench/attention_probe.py --model "$MODEL" --data "$DATA" \
+        CUDA_VISIBLE_DEVICES=1 timeout -k 10 60 $PY bench/round_time/attention_probe.py --model "$MODEL" --data "$DATA" \
           --run-config "model.attention='$a'" --json "$R/probe-$a.json" > "$R/probe-$a.log" 2>&1
         tail -n 1 "$R/probe-$a.log"
       done

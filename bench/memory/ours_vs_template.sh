@@ -1,4 +1,4 @@
-# Device command: run(command="bash bench/gpu_ours_vs_template.sh", carry=[".gpu-carry/tokenizer", ".gpu-carry/bnb"], timeout_s=330, kind="nvidia-h100-x1")
+# Device command: run(command="bash bench/memory/ours_vs_template.sh", carry=[".gpu-carry/tokenizer", ".gpu-carry/bnb"], timeout_s=330, kind="nvidia-h100-x1")
 # Ours against the FlowerTune template's loading, after build_model switched to use_reentrant=True.
 # Each run a fresh process on one random Gemma2-9B-shaped 4-bit model built on the GPU and saved once:
 #   A ours (app.models.build_model), checkpointing on     B ours, off
@@ -8,7 +8,7 @@
 # Per-run JSONs and nvidia-smi samples stay in /tmp/ovt; everything is embedded in the outputs under $OUT:
 #   ours_vs_template.{json,txt} ours_vs_template.log (3 files).
 # An optional run starts only while elapsed + the longest run so far + 10 s stays under DEADLINE_S (315).
-# CPU dry run: MODEL_DIR=.gpu-carry/demo/tiny-gemma2 EXTRA="--quantization 0 --seq 32" PY=.venv/bin/python bash bench/gpu_ours_vs_template.sh
+# CPU dry run: MODEL_DIR=.gpu-carry/demo/tiny-gemma2 EXTRA="--quantization 0 --seq 32" PY=.venv/bin/python bash bench/memory/ours_vs_template.sh
 . bench/gpu_common.sh ours_vs_template.log
 PY=${PY:-python3}
 RUNS=${RUNS_DIR:-/tmp/ovt}
@@ -82,6 +82,6 @@ stamp "table"
 NOTE_ARGS=()
 for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done
 NOTE_ARGS+=(--note "script wall $(elapsed) s")
-$PY bench/ours_vs_template_table.py --runs "$RUNS" --smi-dir "$RUNS/smi" --out "$O" --build /tmp/model_build.json \
+$PY bench/memory/ours_vs_template_table.py --runs "$RUNS" --smi-dir "$RUNS/smi" --out "$O" --build /tmp/model_build.json \
   --order "$ORDER" "${NOTE_ARGS[@]}"
 stamp done

@@ -5,7 +5,7 @@ split into what the round spent its time on. Seed mode's parts come from
 bench/seed_mode.py, ours from bench/round_bench.py; both JSON files carry the per-round
 split, so the chart is redrawn from committed results alone.
 
-    python bench/plot_rounds.py bench/results/h200_side_by_side --out bench/results/h200_side_by_side/round_breakdown.png
+    python bench/round_time/plot_rounds.py bench/round_time --out bench/round_time/round_breakdown.png
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 # end-to-end (`deploy run`: the tiny demo, a SuperLink, a warm trainer and 20 SuperNodes as
 # processes) inside the app image, so the pinned dependency set is proven to resolve and run
 # next to torch 2.9.1+cu128. No GPU is needed or used.
-#   bash bench/cuda_image.sh   (as root, with the Docker engine; 17-30 min and ~13 GB of
+#   bash bench/cuda_image/cuda_image.sh   (as root, with the Docker engine; 17-30 min and ~13 GB of
 #                               disk on the shared 2-core machine, ~4 GB downloaded)
 # The base, pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime, lives on Docker Hub, which this
 # machine cannot reach; tests/docker/make_cuda_base.sh stands in for it (PyPI's CUDA 12.8
@@ -17,7 +17,7 @@
 #   3. the end-to-end in that app image, with --network none (the demo is offline);
 #   4. TORCH_SPEC=none docker/wheelhouse.sh into the copy, the app built offline from it,
 #      and the end-to-end again in that image.
-# Writes bench/results/cuda_image/RESULTS.md, run.log (this console: build steps, the
+# Writes bench/cuda_image/RESULTS.md, run.log (this console: build steps, the
 # rounds, no pip progress) and e2e_summary*.md (the ServerApp's summary of each end-to-end).
 # Environment:
 #   FRESH_BASE=1   rebuild the CUDA base too (its time goes into RESULTS.md); 0 reuses it
@@ -27,9 +27,9 @@
 # Tags are its own (…:0.1.0-cuda*): flowertune-deploy/app:0.1.0 and superlink:0.1.0, which
 # the Docker tests build and use, are never touched.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
-R=$ROOT/bench/results/cuda_image
+R=$ROOT/bench/cuda_image
 BASE=${BASE:-flowertune-base:bookworm}
 CUDA_BASE=${CUDA_BASE:-flowertune-cuda-base:torch2.9.1-cu128}
 APP=flowertune-deploy/app:0.1.0-cuda
@@ -207,7 +207,7 @@ cat <<EOF
 Measured $when on the 2-core CPU development machine ($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs),
 $(free -g | awk '/Mem:/ {print $2}') GiB RAM, **no GPU**), Docker $(docker version --format '{{.Server.Version}}') (classic builder), by
 
-    bash bench/cuda_image.sh      # FRESH_BASE=$FRESH_BASE WHEELHOUSE=$WHEELHOUSE
+    bash bench/cuda_image/cuda_image.sh      # FRESH_BASE=$FRESH_BASE WHEELHOUSE=$WHEELHOUSE
 
 The Dockerfile's default base, \`pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime\`, is on Docker
 Hub, which this machine cannot reach. \`tests/docker/make_cuda_base.sh\` stands in for it:

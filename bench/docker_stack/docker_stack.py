@@ -1,7 +1,7 @@
 """Measures the Docker stack on this host: `deploy up` to nodes online, to the first
 round's checkpointed metrics, and idle memory per SuperNode container with 20 on one host.
 
-    python bench/docker_stack.py --json bench/results/docker_stack.json
+    python bench/docker_stack/docker_stack.py --json bench/docker_stack/docker_stack.json
 
 Needs the images (`deploy up` builds them if missing) and runs the tiny demo model on CPU.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import docker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from deploy.demo import build_demo  # noqa: E402

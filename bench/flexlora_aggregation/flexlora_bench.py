@@ -5,8 +5,8 @@ v_proj, two clients, float32), so the numbers say what one server round costs wi
 needing the model. The dense way materialises every B_k A_k and their weighted sum as
 an out x in matrix and runs a float32 SVD on it, as the FlowerTune FlexLoRA strategy does.
 
-    python bench/flexlora_bench.py --dense-device cuda --threads 16
-    python bench/flexlora_bench.py --dense-device cpu --dense-modules 2 --threads 2
+    python bench/flexlora_aggregation/flexlora_bench.py --dense-device cuda --threads 16
+    python bench/flexlora_aggregation/flexlora_bench.py --dense-device cpu --dense-modules 2 --threads 2
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.aggregation import flexlora  # noqa: E402
 

@@ -11,7 +11,7 @@ global adapter's response loss on held-out rows (unseen instructions) after ever
 The demo model's tied embedding is scaled x10 (`scaled_copy`): as built, its logits are capped near
 1.3 and q,v LoRA stalled at 5.8 nats from 6.3 (on a similar task). Run from the repo root (about 5 minutes on 2 cores):
 
-    .venv/bin/python bench/flexlora_split.py --seeds 0 1 2 3 4
+    .venv/bin/python bench/flexlora_split/flexlora_split.py --seeds 0 1 2 3 4
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from peft import set_peft_model_state_dict  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--embed-scale", type=float, default=10.0), p.add_argument("--targets", default="q_proj,v_proj")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--assets", type=Path, default=Path("/tmp/flexlora_split_assets"))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "flexlora_split")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "flexlora_split")
     args, started = p.parse_args(), time.perf_counter()
     torch.set_num_threads(2), args.assets.mkdir(parents=True, exist_ok=True)
     train_rows = learnable_rows(args.rows, seed=1000)
@@ -189,7 +189,7 @@ def write_markdown(path: Path, summary, start_loss, s: dict) -> None:
     a, start = s["args"], statistics.fmean(start_loss.values())
     lines = ["# FlexLoRA split (reference vs balanced) against FedAvg: tiny model, learnable task", "",
              f"Command, from the repo root ({s['seconds']} s on the 2-core CPU development machine):", "",
-             f"    .venv/bin/python bench/flexlora_split.py {' '.join(s['argv'])}", "", "![eval loss per round](eval_loss.png)", "",
+             f"    .venv/bin/python bench/flexlora_split/flexlora_split.py {' '.join(s['argv'])}", "", "![eval loss per round](eval_loss.png)", "",
              "| method | final held-out loss, mean ± std | min - max over seeds | minus FedAvg, paired: mean (seeds < 0) | start loss |",
              "| --- | --- | --- | --- | --- |"]
     for m, r in summary.items():

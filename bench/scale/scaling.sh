@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Device commands for issue 15: the 20-node job over 1, 2 and 4 GPUs of one host, at the
 # leaderboard's fraction 0.1 and at 0.5 (leaderboard=false), two calls on a warm 4-GPU machine:
-#   run(kind="nvidia-h100-x4", command="bash bench/gpu_scaling.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
-#   run(kind="nvidia-h100-x4", command="bash bench/gpu_scaling.sh B", carry=[same])
-#   run(kind="nvidia-h100-x4", command="bash bench/gpu_scaling.sh C", carry=[same])
-#   run(kind="nvidia-h100-x4", command="bash bench/gpu_scaling.sh D", carry=[same])
+#   run(kind="nvidia-h100-x4", command="bash bench/scale/scaling.sh A", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
+#   run(kind="nvidia-h100-x4", command="bash bench/scale/scaling.sh B", carry=[same])
+#   run(kind="nvidia-h100-x4", command="bash bench/scale/scaling.sh C", carry=[same])
+#   run(kind="nvidia-h100-x4", command="bash bench/scale/scaling.sh D", carry=[same])
 # A: three deployments at once on disjoint GPUs (they share the host's cores, not a GPU):
 #    GPU 0: 1 GPU at 0.5 | GPUs 1,2: 2 GPUs at 0.1, then at 0.5 | GPU 3: 1 GPU at 0.1.
 # B: GPUs 0-3 alone: 4 GPUs at 0.1, then at 0.5.

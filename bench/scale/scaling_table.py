@@ -1,7 +1,7 @@
-"""Issue 15's scaling figures from bench/gpu_scaling.sh's JSON files: a Markdown table and
+"""Issue 15's scaling figures from bench/scale/scaling.sh's JSON files: a Markdown table and
 a PNG (median round time against GPUs, one line per fraction, with ideal linear scaling).
 
-    python bench/scaling_table.py bench/results/gpu_scaling
+    python bench/scale/scaling_table.py bench/scale
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """One client's round with a given attention kernel and 4-bit kind: per-step losses, tokens/s, peak memory.
 
-The deployments in bench/gpu_side_by_side.sh D measure speed in the mode that runs (two
+The deployments in bench/round_time/side_by_side.sh D measure speed in the mode that runs (two
 trainers per GPU), but their sampled partitions differ from run to run, so their losses
 cannot show that flex_attention computes what eager does. This probe trains one fixed
 partition from the same initial adapter with the production code (`app.models.build_model`,
 `app.train.build_trainer`), so two calls differ only in the setting under test.
 
-    python bench/attention_probe.py --model DIR --data FILE --run-config "model.attention='flex_attention'" --json OUT.json
+    python bench/round_time/attention_probe.py --model DIR --data FILE --run-config "model.attention='flex_attention'" --json OUT.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
