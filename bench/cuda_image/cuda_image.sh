@@ -204,7 +204,7 @@ runtime() { grep -o -m1 -E 'time: [0-9.]+ s' "$R/$1" | cut -d' ' -f2- || echo "n
 cat <<EOF
 # The CUDA image, proven without a GPU or a registry (issue 13)
 
-Measured $when on the 2-core CPU development machine ($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs),
+Measured $when at commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) on the 2-core CPU development machine ($(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs),
 $(free -g | awk '/Mem:/ {print $2}') GiB RAM, **no GPU**), Docker $(docker version --format '{{.Server.Version}}') (classic builder), by
 
     bash bench/cuda_image/cuda_image.sh      # FRESH_BASE=$FRESH_BASE WHEELHOUSE=$WHEELHOUSE

@@ -183,11 +183,21 @@ def plot(runs, path: Path, s: dict) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_markdown(path: Path, summary, start_loss, s: dict) -> None:
     """Regenerates everything but a hand-written "## Interpretation" section, which is kept."""
     kept = re.search(r"^## Interpretation\n.*", path.read_text() if path.is_file() else "", re.S | re.M)
     a, start = s["args"], statistics.fmean(start_loss.values())
     lines = ["# FlexLoRA split (reference vs balanced) against FedAvg: tiny model, learnable task", "",
+             f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} at commit {_commit()}.", "",
              f"Command, from the repo root ({s['seconds']} s on the 2-core CPU development machine):", "",
              f"    .venv/bin/python bench/flexlora_split/flexlora_split.py {' '.join(s['argv'])}", "", "![eval loss per round](eval_loss.png)", "",
              "| method | final held-out loss, mean ± std | min - max over seeds | minus FedAvg, paired: mean (seeds < 0) | start loss |",
