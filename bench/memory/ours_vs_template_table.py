@@ -1,4 +1,4 @@
-"""Combine the per-run JSONs of gpu_ours_vs_template.sh into ours_vs_template.json and ours_vs_template.txt.
+"""Combine the per-run JSONs of ours_vs_template.sh into ours_vs_template.json and ours_vs_template.txt.
 
     python bench/memory/ours_vs_template_table.py --runs /tmp/ovt --smi-dir /tmp/ovt/smi --out $OUT --build /tmp/model_build.json
 

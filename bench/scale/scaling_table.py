@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # (GPUs, fraction, file, call and company): the deployments the table reports. Not in it:
-# gpu1-f0.5.json (6 trainers, checkpointing on: gpu_scaling.sh C says why) and
+# gpu1-f0.5.json (6 trainers, checkpointing on: scaling.sh C says why) and
 # gpu2-f0.1.json (beside two other deployments; D reran it alone).
 RUNS = (
     (1, 0.1, "gpu1-f0.1", "A, beside 2 deployments"), (2, 0.1, "gpu2-f0.1-alone", "D, alone"),
