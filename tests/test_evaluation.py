@@ -18,6 +18,8 @@ from deploy.cli import parser
 from deploy.errors import DeployError
 from deploy.evaluation import cmd_eval
 
+pytestmark = pytest.mark.unit
+
 # Three subjects' questions per category, plus "other" ones a default run leaves out.
 # Gold letters: stem A,A,B,C (2 of 4 are A), social sciences A,B,C,D (1 of 4), humanities A,A,A,A.
 SUBJECTS = {

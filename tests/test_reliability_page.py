@@ -9,7 +9,7 @@ import pytest
 
 from tests.reliability import main
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
 def fabricated(**changes) -> dict:
