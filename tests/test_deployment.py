@@ -279,7 +279,7 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
         os.kill(first.pid_of("superlink"), signal.SIGKILL)
         # Orphaned by its SuperLink, the ServerApp can reach nothing; Flower's ServerApp
         # does not always end by itself (its exit on a lost parent can hang), so it is
-        # stopped by hand, as README tells users to.
+        # stopped by hand, as docs/architecture.md tells users to.
         server.kill()
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in before] == [1, 2]
@@ -319,7 +319,7 @@ def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume
         superlink.kill()
         _, stderr = deploy_run.communicate(timeout=120)
     with contextlib.suppress(psutil.NoSuchProcess):
-        server.kill()  # Flower's orphaned ServerApp, which README says to stop by hand
+        server.kill()  # Flower's orphaned ServerApp, which docs/architecture.md says to stop by hand
     assert deploy_run.returncode == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("error: superlink exited with code -9: ")
     assert stderr.rstrip().endswith(f"saved in the run's folder under {results}: continue with `deploy run --resume FOLDER`")
