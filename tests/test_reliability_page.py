@@ -30,7 +30,8 @@ def fabricated(**changes) -> dict:
 
 def run(tmp_path, action: str, record: dict) -> int:
     (tmp_path / "last-run.json").write_text(json.dumps(record))
-    return main([action, "--record", str(tmp_path / "last-run.json"), "--page", str(tmp_path / "docs" / "reliability.md")])
+    page = tmp_path / "docs" / "reliability.md"
+    return main([action, "--record", str(tmp_path / "last-run.json"), "--page", str(page)])
 
 
 def test_write_makes_the_page_and_check_accepts_it(tmp_path, capsys):

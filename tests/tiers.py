@@ -19,7 +19,8 @@ def tiers_of(item: pytest.Item) -> set[str]:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    wrong = [f"{item.nodeid}: {', '.join(sorted(tiers)) or 'none'}" for item in items if len(tiers := tiers_of(item)) != 1]
+    tiers = {item.nodeid: tiers_of(item) for item in items}
+    wrong = [f"{nodeid}: {', '.join(sorted(marks)) or 'none'}" for nodeid, marks in tiers.items() if len(marks) != 1]
     if wrong:
         raise pytest.UsageError(
             f"{len(wrong)} tests need exactly one tier mark of {', '.join(TIERS)} (pytestmark or a decorator):\n  "
