@@ -49,7 +49,7 @@ def _quantization(settings: ModelSettings) -> BitsAndBytesConfig | None:
     """The 4-bit kind and double quantization are settings (the template: fp4, none).
 
     Compute runs in bf16, not in bitsandbytes' float32 default that the template gets:
-    see README's "Fidelity to FlowerTune".
+    see docs/fidelity.md.
     """
     if settings.quantization == 4:
         return BitsAndBytesConfig(

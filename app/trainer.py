@@ -25,8 +25,7 @@ from app.dataset import checked_partition, federated_dataset, tokenize_partition
 from app.gpu_admission import check_fits, resolve_checkpointing, visible_gpu_bytes
 from app.models import build_model, load_tokenizer
 from app.train import train_round
-from app.trainer_protocol import Hello, ensure_authkey, refusal, socket_path, trainer_name
-from app.trainer_service import TrainerSpec
+from app.trainer_protocol import Hello, TrainerSpec, ensure_authkey, refusal, socket_path, trainer_name
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,24 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.config import ModelSettings
+from app.config import ModelSettings, TrainSettings
 
 PROTOCOL = 1
 AUTHKEY_FILE = "authkey"
 APP_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """What a GPU's supervisor (`app.trainer_service`) starts its trainers (`app.trainer`) with;
+    here so that neither of the two imports the other for it."""
+
+    trainer_dir: Path
+    home: str  # gpu<g> or cpu: what a node's `trainer-home` names
+    count: int  # trainers of this GPU; they share its memory
+    model: ModelSettings  # loaded at start, and the only settings served
+    train: TrainSettings  # the batch shape the memory plan for "auto" checkpointing assumes
+    cache_partitions: int = 20
 
 
 def code_version(app_dir: Path = APP_DIR) -> str:

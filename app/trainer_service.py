@@ -13,28 +13,15 @@ import logging
 import multiprocessing as mp
 import signal
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import wait
-from pathlib import Path
 from typing import Any
 
-from app.config import ModelSettings, TrainSettings
-from app.trainer_protocol import ensure_authkey, lock_path, trainer_name
+from app.trainer_protocol import TrainerSpec, ensure_authkey, lock_path, trainer_name
 
 log = logging.getLogger(__name__)
 # A trainer that dies this soon after its start, this many times in a row, cannot start.
 QUICK_DEATH_SECONDS = 60
 QUICK_DEATHS = 3
-
-
-@dataclass(frozen=True)
-class TrainerSpec:
-    trainer_dir: Path
-    home: str  # gpu<g> or cpu: what a node's `trainer-home` names
-    count: int  # trainers of this GPU; they share its memory
-    model: ModelSettings  # loaded at start, and the only settings served
-    train: TrainSettings  # the batch shape the memory plan for "auto" checkpointing assumes
-    cache_partitions: int = 20
 
 
 def _run_trainer(spec: TrainerSpec, index: int) -> None:

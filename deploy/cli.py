@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 from app.config import AppConfig, ConfigError
+from app.evaluation import EvaluationError
 from deploy import cdi, evaluation, stack_steps
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return args.func(args)
-    except (ConfigError, LayoutError, DeployError) as err:
+    except (ConfigError, LayoutError, DeployError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 
-from app.trainer_service import TrainerSpec, supervise
+from app.trainer_protocol import TrainerSpec
+from app.trainer_service import supervise
 from deploy.backends.docker import prepare_host_folder
 from deploy.errors import DeployError
 from deploy.fetch import fetch

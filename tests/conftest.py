@@ -13,7 +13,8 @@ from flwr.common.config import flatten_dict
 
 from deploy.demo import DemoAssets, build_demo
 
-pytest_plugins = ["tests.reliability"]  # the `reliability` fixture and README's Reliability table
+# the `reliability` fixture and the record behind docs/reliability.md; one tier mark per test
+pytest_plugins = ["tests.reliability", "tests.tiers"]
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_IMAGE = "flowertune-base:bookworm"  # made by tests/docker/make_base_image.sh

@@ -1,27 +1,42 @@
-"""README's Reliability table, written by the tests themselves (a pytest plugin).
+"""docs/reliability.md's table, from what the tests themselves saw (a pytest plugin and a command).
 
 A test that tries a fault, a bad input or an intrusion takes the `reliability` fixture and
 calls `reliability.record(kind, what, outcome, rounds_lost)` with what it saw; a record counts
-only if its test passes. At the end of a run that collected the whole suite and passed every
-test that records, the table replaces README's section between the markers; after any other
-run it goes to `reliability.md` in pytest's temporary folder, named in the terminal summary,
-and README stays as it was. Paths under that folder read `$TMP` and the checkout's path `.`,
-so the table changes between runs only where an outcome does.
+only if its test passes. Every run leaves its records in `.reliability/last-run.json`
+(git-ignored), marked full or partial: tests never write tracked files. A run is full when it
+collected the whole suite (no path narrower than `testpaths`, nothing deselected by `-k`, `-m`
+or `--deselect`, no `--ignore`/`--lf`, every module collected) and every recording test passed;
+anything else is partial and says why. Paths under pytest's temporary folder read `$TMP` and
+the checkout's path `.`, so a page changes between runs only where an outcome does.
+
+    python -m tests.reliability write   # docs/reliability.md from the last full run's record
+    python -m tests.reliability check   # exit 1 unless docs/reliability.md has that run's rows
+
+`check` is CI's (.ci/run, after the tests): the committed page must list the same checks with
+the same outcomes as the run just made; its date and timings may differ. A partial run's
+record is not compared (exit 0, saying why), so a narrower run never fails it.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import re
 import shlex
-from dataclasses import dataclass, field
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
 
 KINDS = ("fault", "bad input", "intrusion")
-BEGIN, END = "<!-- reliability:begin -->", "<!-- reliability:end -->"
-README = "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = Path(".reliability") / "last-run.json"  # under the rootdir; .gitignore lists the folder
+PAGE = Path("docs") / "reliability.md"
+WRITE_COMMAND = "python -m tests.reliability write"
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class Log:
     kept: dict[str, list[Record]] = field(default_factory=dict)
     narrowed: list[str] = field(default_factory=list)
     basetemp: Path | None = None  # set once a recording test starts
+    started: float = field(default_factory=time.monotonic)
     summary: str | None = None  # what the terminal summary says
 
 
@@ -73,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def reliability_log(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> Log:
-    """The session's collector; its temporary folder is where a partial run's table goes."""
+    """The session's collector; its temporary folder's path is replaced by `$TMP` in records."""
     log = pytestconfig.stash[LOG]
     log.basetemp = tmp_path_factory.getbasetemp()
     return log
@@ -81,7 +97,7 @@ def reliability_log(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture()
 def reliability(request: pytest.FixtureRequest, reliability_log: Log):
-    """`reliability.record(kind, what, outcome, rounds_lost=0)`: one row of README's table."""
+    """`reliability.record(kind, what, outcome, rounds_lost=0)`: one row of docs/reliability.md."""
     recorder = Recorder({str(reliability_log.basetemp): "$TMP", str(request.config.rootpath): "."})
     request.node.stash[RECORDER] = recorder
     yield recorder
@@ -121,7 +137,9 @@ def _narrowing(session: pytest.Session) -> list[str]:
     whole = {config.rootpath, *(config.rootpath / p for p in config.getini("testpaths"))}
     narrower = [arg for arg in config.args if (config.invocation_params.dir / arg).resolve() not in whole]
     reasons = [f"ran only {', '.join(narrower)}"] if narrower else []
-    reasons += [f"--{name.replace('_', '-')} given" for name in ("ignore", "ignore_glob", "lf") if config.getoption(name, None)]
+    reasons += [
+        f"--{name.replace('_', '-')} given" for name in ("ignore", "ignore_glob", "lf") if config.getoption(name, None)
+    ]
     recording = [item.nodeid for item in session.items if "reliability" in item.fixturenames]
     failed = [nodeid for nodeid in recording if nodeid not in log.kept]
     if failed:
@@ -154,39 +172,113 @@ def table(records: list[Record]) -> list[str]:
     ]
 
 
-def _replace_section(readme: Path, lines: list[str]) -> bool:
-    """README's text between the markers becomes `lines`; False when a marker (or README) is missing."""
-    text = readme.read_text() if readme.is_file() else ""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        return False
-    new = text[: start + len(BEGIN)] + "\n" + "\n".join(lines) + "\n" + text[end:]
-    if new != text:
-        readme.write_text(new)
-    return True
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def page(record: dict) -> str:
+    """docs/reliability.md for a full run's record."""
+    records = [Record(**r) for r in record["records"]]
+    return "\n".join([
+        "# Reliability",
+        "",
+        "Every fault, bad input and intrusion the tests try, with the outcome each test observed. The",
+        "tests record what they tried and saw through the `reliability` fixture (`tests/reliability.py`),",
+        "a record counts only if its test passed, and every run leaves its records in",
+        f"`{RECORD}` (not tracked). `{WRITE_COMMAND}` writes this page from the record of a",
+        "full run (the whole suite, every recording test passed); CI's `python -m tests.reliability check`",
+        "fails when this page and the run it just made differ in a check or an outcome",
+        "([development](development.md#the-reliability-page)).",
+        "",
+        "<!-- written by `python -m tests.reliability write`: edit the tests, not this page -->",
+        *table(records),
+        "",
+        f"Written by `{WRITE_COMMAND}` from the record of `{record['command']}` on {record['date']}: "
+        f"{record['recording_tests']} tests that record, all passed; the run took {_duration(record['seconds'])}.",
+        "",
+    ])
+
+
+_TIMING = re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s|min|seconds)\b")
+
+
+def _rows(lines: list[str] | str) -> Counter[str]:
+    """A table's rows, timings blanked: what a page and a run must agree on."""
+    lines = lines.splitlines() if isinstance(lines, str) else lines
+    return Counter(_TIMING.sub("…", line) for line in lines if line.startswith(tuple(f"| {k} |" for k in KINDS)))
+
+
+def check(record: dict, committed: str) -> list[str]:
+    """How the committed page differs from a full run's record in its checks and outcomes (empty: it does not)."""
+    ran, shown = _rows(table([Record(**r) for r in record["records"]])), _rows(committed)
+    differences = [f"only in the run: {row}" for row in ran - shown]
+    return differences + [f"only in {PAGE}: {row}" for row in shown - ran]
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise SystemExit(f"no record at {path}: run the tests first (.venv/bin/python -m pytest -q)")
+    return json.loads(path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.reliability", description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=("write", "check"))
+    parser.add_argument("--record", type=Path, default=ROOT / RECORD, help=f"(default: {RECORD})")
+    parser.add_argument("--page", type=Path, default=ROOT / PAGE, help=f"(default: {PAGE})")
+    args = parser.parse_args(argv)
+    record = _load(args.record)
+    if not record["full"]:
+        why = f"the last run was partial ({'; '.join(record['partial_because'])})"
+        if args.action == "write":
+            print(f"{args.page} not written: {why}; run the whole suite first", file=sys.stderr)
+            return 1
+        print(f"{args.page} not compared: {why}")
+        return 0
+    if args.action == "write":
+        args.page.parent.mkdir(parents=True, exist_ok=True)
+        args.page.write_text(page(record))
+        print(f"{args.page}: {len(record['records'])} rows from {record['recording_tests']} tests")
+        return 0
+    differences = check(record, args.page.read_text() if args.page.is_file() else "")
+    if differences:
+        print(
+            f"{args.page} does not list the checks and outcomes of the run just made ({len(differences)} rows differ); "
+            f"run `{WRITE_COMMAND}` and commit the page if the change is meant:",
+            *(f"  {d}" for d in differences), sep="\n", file=sys.stderr,
+        )
+        return 1
+    print(f"{args.page} lists the {len(record['records'])} checks and outcomes of the run just made")
+    return 0
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leaves this run's records in the ignored record file, full or partial."""
     log = session.config.stash[LOG]
-    if log.basetemp is None:  # no recording test ran: nothing to report
-        return
-    records = [r for records in log.kept.values() for r in records]
-    command = shlex.join([".venv/bin/python", "-m", "pytest", *session.config.invocation_params.args])
-    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     reasons = _narrowing(session)
-    readme = session.config.rootpath / README
-    if not reasons:
-        footer = f"Generated by `{command}` on {today}, from the {len(log.kept)} tests that record (all passed)."
-        if _replace_section(readme, [*table(records), "", footer]):
-            log.summary = f"{README}'s Reliability table rewritten: {len(records)} rows from {len(log.kept)} tests"
-            return
-        reasons = [f"{README} lacks the markers {BEGIN} … {END}"]
-    partial = log.basetemp / "reliability.md"
-    header = f"Partial run (`{command}` on {today}; README.md left as it was): {'; '.join(reasons)}."
-    partial.write_text("\n".join([header, "", *table(records)]) + "\n")
-    log.summary = f"reliability table of this partial run ({'; '.join(reasons)}): {partial}"
+    record = {
+        "full": not reasons,
+        "partial_because": reasons,
+        "command": shlex.join([".venv/bin/python", "-m", "pytest", *session.config.invocation_params.args]),
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "seconds": round(time.monotonic() - log.started, 1),
+        "recording_tests": len(log.kept),
+        "records": [asdict(r) for records in log.kept.values() for r in records],
+    }
+    path = session.config.rootpath / RECORD
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    if reasons:
+        log.summary = f"reliability record (partial run: {'; '.join(reasons)}): {RECORD}"
+    else:
+        log.summary = f"reliability record (full run): {RECORD}; `{WRITE_COMMAND}` makes {PAGE} from it"
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     if config.stash[LOG].summary:
         terminalreporter.write_line(config.stash[LOG].summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,8 @@ from torch.utils._pytree import tree_flatten
 
 from app.aggregation import flexlora, fedavg
 
+pytestmark = pytest.mark.unit
+
 PREFIX = "base_model.model.model.layers.{layer}.self_attn.{proj}"
 
 

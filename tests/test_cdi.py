@@ -8,7 +8,7 @@ import yaml
 from deploy.cdi import spec
 from deploy.cli import main
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ import pytest
 from app.config import AppConfig, ConfigError, NodeSettings
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 
 def test_pyproject_defaults_are_the_seed_job():
     raw = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]

@@ -5,6 +5,8 @@ from app.dataset import IGNORE_INDEX, PREAMBLE, load_partition, prompt_and_respo
 from app.models import load_tokenizer
 from deploy.demo import alpaca_rows, gemma_like_tokenizer
 
+pytestmark = pytest.mark.unit
+
 
 def test_prompt_follows_the_general_nlp_template():
     row = {"instruction": "Add.", "input": "2 and 3", "output": " 5 "}

@@ -62,6 +62,7 @@ def _layout(deployment) -> str:
     return "trainer" if deployment.topology.trainers else "in-process"
 
 
+@pytest.mark.deployment
 @pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
 def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     run_dir, rounds = run(
@@ -113,6 +114,7 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     assert _lasting_zombies(deployment.pids()) == []
 
 
+@pytest.mark.deployment
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
 def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment, demo, tmp_path, reliability):
     """Killed while it trains round 2: that node's update fails and is recorded; later rounds
@@ -163,6 +165,7 @@ def _kill_when(log, pattern: str, victim):
     return result
 
 
+@pytest.mark.deployment
 def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(demo, tmp_path, reliability):
     """Four nodes, every one sampled each round (leaderboard=false). In round 2 the node
     whose partition is training is SIGKILLed: the round aggregates the other three and
@@ -206,6 +209,7 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     )
 
 
+@pytest.mark.deployment
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
 def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment, demo, tmp_path, reliability):
     """The ServerApp is SIGKILLed once round 2's state is saved; a run submitted with
@@ -251,6 +255,7 @@ def _serverapp() -> psutil.Process:
     return server
 
 
+@pytest.mark.deployment
 def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability):
     """The SuperLink is SIGKILLed once round 2's state is saved; its state dies with it
     (the process backend starts each federation afresh). A new deployment resumes the run
@@ -274,7 +279,7 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
         os.kill(first.pid_of("superlink"), signal.SIGKILL)
         # Orphaned by its SuperLink, the ServerApp can reach nothing; Flower's ServerApp
         # does not always end by itself (its exit on a lost parent can hang), so it is
-        # stopped by hand, as README tells users to.
+        # stopped by hand, as docs/architecture.md tells users to.
         server.kill()
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in before] == [1, 2]
@@ -293,6 +298,7 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
     )
 
 
+@pytest.mark.deployment
 def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume(demo, tmp_path, reliability):
     """`deploy run` with its SuperLink SIGKILLed after round 1 of 6: it stops every process it
     started and ends in one line naming the dead process and the way on, instead of waiting a
@@ -313,7 +319,7 @@ def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume
         superlink.kill()
         _, stderr = deploy_run.communicate(timeout=120)
     with contextlib.suppress(psutil.NoSuchProcess):
-        server.kill()  # Flower's orphaned ServerApp, which README says to stop by hand
+        server.kill()  # Flower's orphaned ServerApp, which docs/architecture.md says to stop by hand
     assert deploy_run.returncode == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("error: superlink exited with code -9: ")
     assert stderr.rstrip().endswith(f"saved in the run's folder under {results}: continue with `deploy run --resume FOLDER`")
@@ -327,6 +333,7 @@ def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume
     )
 
 
+@pytest.mark.deployment
 def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path, reliability):
     from flwr.app import ArrayRecord
 
@@ -371,6 +378,7 @@ def _long_lived_rss(deployment) -> dict[str, int]:
     return rss
 
 
+@pytest.mark.soak
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
 def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytestconfig, reliability):
     """20 SuperNodes, a SuperLink and the trainer over many rounds: every long-lived
@@ -410,6 +418,7 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
     )
 
 
+@pytest.mark.deployment
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
     run_dir, rounds = run(
         deployment, demo, tmp_path,
@@ -419,6 +428,7 @@ def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo
     assert "leaderboard settings: **off**" in (run_dir / "summary.md").read_text()
 
 
+@pytest.mark.deployment
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
 def test_an_unknown_key_sent_by_a_plain_flwr_run_is_named_in_the_superlink_log(deployment, tmp_path, reliability):
     """Flower checks the keys before the run exists and tells `flwr` only that the run
@@ -435,6 +445,7 @@ def test_an_unknown_key_sent_by_a_plain_flwr_run_is_named_in_the_superlink_log(d
     )
 
 
+@pytest.mark.deployment
 def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
     """A plain `flwr run` sends results.dir as written; the ServerApp runs in the app folder."""
     relative = f"results/relative-test-{os.getpid()}-{_layout(deployment)}"
@@ -449,6 +460,7 @@ def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
         shutil.rmtree(ROOT / relative, ignore_errors=True)
 
 
+@pytest.mark.deployment
 def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, tmp_path, reliability):
     """4-bit on CPU nodes, sent past the deploy tool's own check as a plain `flwr run` would."""
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1, "results.dir": str(tmp_path)})
@@ -470,6 +482,7 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
     )
 
 
+@pytest.mark.deployment
 def test_stopping_leaves_no_process(deployment, demo, tmp_path, reliability):
     """Stopped in the middle of a run (as Ctrl-C on `deploy run` does): every process group
     we started, with the SuperExec and trainer processes in it, and the ServerApp and

@@ -1,6 +1,7 @@
 """The users' first path: plain `docker compose up` on a rendered file runs the job and
 leaves the checkpoints in the host's results folder (TLS and node authentication on), with
-hardened containers and no Hugging Face token set."""
+hardened containers and no Hugging Face token set; and `docker compose config` accepts every
+layout we render."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from deploy.compose import RenderOptions, write
 from deploy.images import build_images, outdated_images
+from deploy.topology import Host, plan
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.docker
 
 PROJECT = "flowertune-compose-test"
 
@@ -73,3 +80,15 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
     finally:
         down = compose(tmp_path, "down", "-v")
         assert down.returncode == 0, down.stderr
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [[Host("localhost", (0,))], [Host("localhost", tuple(range(8)))], [Host("a", (0, 1)), Host("b", (0,))], [Host("cpu")]],
+    ids=["1gpu", "8gpu", "2hosts", "cpu"],
+)
+@pytest.mark.parametrize("request_kind", ["nvidia", "cdi"])
+def test_docker_compose_accepts_every_rendered_file(hosts, request_kind, tmp_path, docker_engine):
+    for path in write(plan(20, hosts), tmp_path, RenderOptions(gpu_request=request_kind)):
+        done = subprocess.run(["docker", "compose", "-f", str(path), "config", "-q"], capture_output=True, text=True)
+        assert done.returncode == 0, f"{path.name}: {done.stderr}"

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.docker
+
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 

@@ -24,6 +24,8 @@ from tests.conftest import ROOT, assert_adapter_trained
 from tests.test_docker_compose_up import assert_hardened, toml_value
 from tests.test_secret_scan import scan_bytes, scan_images, scan_tree
 
+pytestmark = pytest.mark.docker
+
 
 def deploy(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], env=env, text=True, capture_output=True)

@@ -8,13 +8,17 @@ import json
 
 import pytest
 
+from app import evaluation
 from app.checkpoint import save_adapter
 from app.config import AppConfig
+from app.evaluation import EvaluationError
 from app.models import initial_adapter
 from app.report import write_summary
-from deploy import evaluation
 from deploy.cli import parser
 from deploy.errors import DeployError
+from deploy.evaluation import cmd_eval
+
+pytestmark = pytest.mark.unit
 
 # Three subjects' questions per category, plus "other" ones a default run leaves out.
 # Gold letters: stem A,A,B,C (2 of 4 are A), social sciences A,B,C,D (1 of 4), humanities A,A,A,A.
@@ -100,8 +104,9 @@ def test_score_is_per_category_and_averages_the_categories():
 
 
 def assert_refused(reliability, what: str, message: str, call, *args) -> None:
-    """`call(*args)` stops with a one-line DeployError matching `message`: a bad input refused."""
-    with pytest.raises(DeployError, match=message) as error:
+    """`call(*args)` stops with a one-line error matching `message`, which `deploy eval` prints
+    before exiting 2: a bad input refused."""
+    with pytest.raises((DeployError, EvaluationError), match=message) as error:
         call(*args)
     assert "\n" not in str(error.value)
     reliability.record("bad input", what, str(error.value))
@@ -200,14 +205,14 @@ def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_fi
     config = make_run(run_config, run)
     assert_refused(
         reliability, "deploy eval of a run folder with no round-N adapter yet", "without a round-N adapter",
-        evaluation.cmd_eval, eval_args(run, "--data", mmlu_file, "--quantization", 0),
+        cmd_eval, eval_args(run, "--data", mmlu_file, "--quantization", 0),
     )
     questions = evaluation.load_questions(str(mmlu_file), evaluation.DEFAULT_CATEGORIES)
     save_adapter(initial_adapter(config.model, 1), config.model, run / "round-1")
     save_adapter(train_always_a(demo, config, questions), config.model, run / "round-10")  # newest: 10, not 2 by name
     save_adapter(initial_adapter(config.model, 2), config.model, run / "round-2")
 
-    assert evaluation.cmd_eval(eval_args(run, "--data", mmlu_file, "--quantization", 0, "--batch-size", 4)) == 0
+    assert cmd_eval(eval_args(run, "--data", mmlu_file, "--quantization", 0, "--batch-size", 4)) == 0
     evaluated = json.loads((run / "summary.json").read_text())["evaluation"]
     expected = {"mmlu-stem": 0.5, "mmlu-social-sciences": 0.25, "mmlu-humanities": 1.0, "mmlu-average": 1.75 / 3}
     assert evaluated == pytest.approx(expected)
@@ -215,8 +220,8 @@ def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_fi
     assert len(answers) == 12 and all(a["predicted"] == "A" and a["output"].strip() for a in answers)
 
     # The base alone, and round 1 (LoRA B still zero) on 2 questions a category, get keys of their own.
-    assert evaluation.cmd_eval(eval_args(run, "--base-only", "--data", mmlu_file, "--quantization", 0)) == 0
-    assert evaluation.cmd_eval(eval_args(run / "round-1", "--data", mmlu_file, "--quantization", 0, "--limit", 2)) == 0
+    assert cmd_eval(eval_args(run, "--base-only", "--data", mmlu_file, "--quantization", 0)) == 0
+    assert cmd_eval(eval_args(run / "round-1", "--data", mmlu_file, "--quantization", 0, "--limit", 2)) == 0
     evaluated = json.loads((run / "summary.json").read_text())["evaluation"]
     assert set(evaluated) == {f"{p}mmlu-{c}" for p in ("", "base-", "round-1-limit2-")
                               for c in ("stem", "social-sciences", "humanities", "average")}
@@ -245,7 +250,7 @@ def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_fil
     ]
     for argv, message in cases:
         command = " ".join(["deploy eval", *map(str, argv)])
-        assert_refused(reliability, command, message, evaluation.cmd_eval, eval_args(*argv))
+        assert_refused(reliability, command, message, cmd_eval, eval_args(*argv))
     with pytest.raises(SystemExit) as exit_:  # argparse: "invalid choice: 3 (choose from 4, 8, 0)", exit 2
         eval_args(run, "--quantization", 3)
     assert exit_.value.code == 2
@@ -256,5 +261,5 @@ def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_fil
     if not torch.cuda.is_available():
         assert_refused(
             reliability, f"deploy eval {run} --base-only (4-bit) without a CUDA GPU", "--quantization 4: needs a CUDA GPU",
-            evaluation.cmd_eval, eval_args(run, "--base-only", "--data", mmlu_file),
+            cmd_eval, eval_args(run, "--base-only", "--data", mmlu_file),
         )

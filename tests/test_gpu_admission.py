@@ -10,6 +10,8 @@ from transformers import Gemma2Config
 from app.config import ConfigError, LoraSettings, ModelSettings, TrainSettings
 from app.gpu_admission import GIB, check_fits, estimate_training_bytes, gpu_slot, resolve_checkpointing
 
+pytestmark = pytest.mark.unit
+
 
 def _hold(lock_dir: str, holding, release) -> None:
     with gpu_slot(Path(lock_dir), 1, "GPU-test"):

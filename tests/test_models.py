@@ -16,6 +16,8 @@ from app.models import build_model, initial_adapter, load_tokenizer, peft_quietl
 from app.strategy import RoundReport
 from app.train import build_trainer, cosine_learning_rate, train_adapter
 
+pytestmark = pytest.mark.unit
+
 
 def test_server_adapter_matches_the_clients_in_keys_shapes_dtypes(run_config):
     config = AppConfig.from_run_config(run_config)

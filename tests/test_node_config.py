@@ -21,6 +21,8 @@ from deploy.project import resolve_run_config
 from deploy.topology import SUPERNODE_ENV, Host, plan
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.deployment
+
 PARTITIONS = 3
 FEDERATION = {
     "leaderboard": False,

@@ -1,7 +1,11 @@
 """Partition ownership: a repeated partition is refused while its owner is online, and
 given back when the owner fails or goes offline."""
 
+import pytest
+
 from app.partition_owners import PartitionOwners
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_first_node_to_answer_owns_a_partition_and_a_repeat_is_held_back():

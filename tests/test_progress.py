@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
 
 from deploy.progress import follow
+
+pytestmark = pytest.mark.unit
 
 LINES = [
     "\x1b[92mINFO \x1b[0m:      Starting logstream\n",

@@ -5,7 +5,11 @@ trains in its own process sets SIGCHLD back to the default."""
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
 
 EXIT_STATUS_BEFORE_AND_AFTER = """
 import subprocess

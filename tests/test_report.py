@@ -15,6 +15,8 @@ from app.report import progress_line, summarize
 from app.strategy import RoundReport
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 DOWN, UP = 1_000_000, 999_000
 
 

@@ -14,8 +14,11 @@ import tarfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+pytestmark = pytest.mark.unit
 
 # A PEM or OpenSSH private key block: header, base64 lines, footer, with real or escaped
 # (JSON, repr) line breaks. Not the bare marker: libraries in the images spell it in code

@@ -29,7 +29,8 @@ from deploy.tls import TlsFiles, make_certificates, make_node_keys
 from deploy.topology import SUPERNODE_ENV, Host, plan
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.timeout(120)  # a test and its fixtures' setup; ~40 s at most measured on 2 busy cores
+# timeout: a test and its fixtures' setup; ~40 s at most measured on 2 busy cores
+pytestmark = [pytest.mark.deployment, pytest.mark.timeout(120)]
 DEADLINE = 60  # seconds any one wait may take
 NODE_CONFIG = "partition-id=0 num-partitions=1"  # all three claim the same: only their keys differ
 REFUSED_KEY = "[code: 2004] Failed to activate SuperNode."  # the unregistered SuperNode's last word

@@ -11,6 +11,8 @@ from app.grid import PromptGrid
 from app.strategy import FedAvgOrFlexLora, RoundReport
 from app.wire import KEY, pack, pack_bytes, unpack
 
+pytestmark = pytest.mark.unit
+
 KEYS = ("m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight")
 
 

@@ -17,6 +17,8 @@ from deploy.errors import DeployError
 from deploy.tls import TlsFiles, make_certificates
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 
 def names_in(files: TlsFiles) -> set[str]:
     cert = x509.load_pem_x509_certificate(files.cert.read_bytes())

@@ -23,6 +23,8 @@ from deploy.flwr_cli import write_run_config
 from deploy.project import resolve_run_config
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.unit
+
 NAME = "cpu-0"
 
 
