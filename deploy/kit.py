@@ -78,7 +78,7 @@ def write_kits(
         for name in _given_files(document, ca_key=host == topology.superlink_host):
             source = (certs if name.startswith(f"{CERTS}/") else keys) / name.partition("/")[2]
             _private_folder((folder / name).parent)
-            write_durably(folder / name, source.read_bytes(), mode=0o600 if _is_secret(name) else 0o644)
+            write_durably(folder / name, _read(source), mode=0o600 if _is_secret(name) else 0o644)
         if images == "build":
             _copy_build_context(app_dir, folder / BUILD)
         else:
@@ -93,6 +93,15 @@ def _private_folder(folder: Path) -> None:
     """0700: a kit's folders hold keys; the engine (root) still reads the files it binds."""
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
+
+
+def _read(source: Path) -> bytes:
+    """Compose's `setup` (root) keeps ca.key root's and hands the rest to uid 1000: a user who
+    is neither gets one line, not a traceback."""
+    try:
+        return source.read_bytes()
+    except PermissionError:
+        raise DeployError(f"{source}: not readable by this user; run `deploy kit` as root or as its owner") from None
 
 
 def _is_secret(name: str) -> bool:
@@ -142,7 +151,7 @@ def _save_images(tags: list[str], target: Path) -> None:
                 f"--images save: the engine has no image {tag}; build it (`deploy up --build`) or use --images build"
             ) from None
         with open(target / f"{_target_of(tag)}.tar", "wb") as archive:
-            for chunk in image.save(named=True):
+            for chunk in image.save(named=tag):  # the tag compose names, not whichever comes first
                 archive.write(chunk)
 
 
@@ -192,14 +201,17 @@ def _readme_lines(topology: Topology, kit: Kit, images: str, options: RenderOpti
     yield "SuperNodes here:"
     yield ""
     yield from (f"- {n.name}: partition {n.partition_id}, {'CPU' if n.gpu is None else f'GPU {n.gpu}'}" for n in nodes)
+    yield ""
     if any(n.gpu is not None for n in nodes):
         how = "NVIDIA's container toolkit" if options.gpu_request == "nvidia" else "a CDI spec for nvidia.com/gpu"
         yield f"Their GPUs are requested through {how} (`--gpu-request {options.gpu_request}`)."
-    yield ""
+        yield ""
     if first:
         yield f"Other hosts reach the SuperLink here at {address} (TLS): open TCP port {topology.superlink_port}"
         yield "to them."
         yield f"Its certificate names {', '.join(certificate_names(topology))}."
+        yield f"`submit` runs the app once all {len(topology.nodes)} SuperNodes of every host are online; results"
+        yield "land in `./results`."
         yield ""
         yield "`certs/ca.key` is the private CA's key and `certs/superlink.key`, `certs/superexec.secret` the"
         yield "SuperLink's secrets: they are in this kit only; never copy them elsewhere. `keys/*.pub` are every"
