@@ -18,6 +18,7 @@ from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
 from deploy.demo import build_demo
 from deploy.images import GPU_BASE, build_images, outdated_images
+from deploy.kit import IMAGE_WAYS, write_kits
 from deploy.errors import DeployError
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
 from deploy.project import parse_overrides, resolve_run_config
@@ -121,6 +122,19 @@ def cmd_render(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for path in write(_topology(args), args.out, _render_options(args)):
         print(path)
+    return 0
+
+
+def cmd_kit(args: argparse.Namespace) -> int:
+    """A folder per host to hand to its site (deploy.kit); the TLS material is made or reused in
+    --dir's .deploy/, as `deploy up` on this machine would."""
+    if not args.host:
+        raise DeployError("--host: name every machine (NAME or NAME=GPU,GPU, repeated; the first runs the SuperLink)")
+    kits = write_kits(
+        _topology(args), _render_options(args), args.app, args.dir or args.app, args.out, args.images, args.archive
+    )
+    for kit in kits:
+        print(f"{kit.archive or kit.folder}  start inside with: {kit.start}")
     return 0
 
 
@@ -266,6 +280,19 @@ def parser() -> argparse.ArgumentParser:
     stack_args(p_render)
     p_render.add_argument("--out", type=Path, default=Path("."), help="folder for the files (default: here)")
     p_render.set_defaults(func=cmd_render)
+
+    p_kit = commands.add_parser("kit", help="one folder per host: compose file, certificates, keys, images")
+    stack_args(p_kit)
+    p_kit.add_argument("--out", type=Path, default=Path("kits"), help="a new or empty folder (default: ./kits)")
+    p_kit.add_argument(
+        "--images",
+        choices=IMAGE_WAYS,
+        default="build",
+        help="build: ship the build context, each host builds (no engine needed here); "
+        "save: ship `docker save` archives of this engine's images (large; nothing to fetch there)",
+    )
+    p_kit.add_argument("--archive", action="store_true", help="also pack each kit as <out>/<host>.tar.gz")
+    p_kit.set_defaults(func=cmd_kit)
 
     p_up = commands.add_parser("up", help="start this host's stack with Docker and wait until it is ready")
     stack_args(p_up)

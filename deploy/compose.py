@@ -59,6 +59,11 @@ class RenderOptions:
     model: str | None = None  # default: model.name from pyproject.toml
     run_config: str = ""  # overrides the `submit` service sends, 'key=value ...'
     gpu_request: str = "nvidia"  # one of GPU_REQUESTS
+    # The TLS material ships with the files (deploy.kit): `setup` runs on every host and only
+    # hands it to the images' user, and each file is bound so that a missing one stops
+    # `docker compose up` with one line instead of becoming an empty folder (`_bind`).
+    tls_given: bool = False
+    build_context: str | None = "."  # None: the images come loaded (`docker load`), never built
 
 
 def render(topology: Topology, options: RenderOptions = RenderOptions()) -> dict[str, dict[str, Any]]:
@@ -84,8 +89,9 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
     first = host == topology.superlink_host
     target = f"superlink:{topology.superlink_port}" if first else f"{topology.superlink_address}:{topology.superlink_port}"
     services: dict[str, Any] = {}
+    if first or options.tls_given:
+        services["setup"] = _setup(topology, first, options)
     if first:
-        services["setup"] = _setup(topology, options)
         services["superlink"] = _superlink(topology, options)
         if not options.insecure:
             services["register-nodes"] = _register_nodes(topology, target, options)
@@ -119,29 +125,52 @@ def _tls_args(options: RenderOptions, client: bool) -> list[str]:
     ]
 
 
-def _tls_files(options: RenderOptions, *names: str) -> list[str]:
+def _tls_files(options: RenderOptions, *names: str) -> list[str | dict[str, Any]]:
     """The TLS folder's files a service needs, bound one by one: its clients see only
     ca.crt, the SuperLink alone its key, and no container but `setup` the CA key, whoever
     owns the folder (a bound folder would show every file its user may read)."""
     names = names or ("ca.crt",)
-    return [] if options.insecure else [f"{options.certs_dir}/{name}:{CERTS}/{name}:ro" for name in names]
+    if options.insecure:
+        return []
+    return [_bind(f"{options.certs_dir}/{name}", f"{CERTS}/{name}", options) for name in names]
 
 
-def _image(image: str) -> dict[str, Any]:
+def _bind(source: str, target: str, options: RenderOptions, read_only: bool = True) -> str | dict[str, Any]:
+    """Where `setup` makes the material, the short form, whose missing source the engine
+    creates (as a folder) and `setup` then fills. Where it is given, the long form with
+    `create_host_path: false`: the engine refuses a missing source at container creation,
+    in one line that names it (checked on Compose 2.26), so a kit missing a key fails at
+    once, not as a TLS error later."""
+    if not options.tls_given:
+        return f"{source}:{target}" + (":ro" if read_only else "")
+    bind = {"type": "bind", "source": source, "target": target, "read_only": read_only}
+    return {**bind, "bind": {"create_host_path": False}}
+
+
+def certificate_names(topology: Topology) -> list[str]:
+    """Every name the SuperLink is reached by: its compose service, the address other hosts
+    use and each host's name (for `flwr` there)."""
+    return list(dict.fromkeys(["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]))
+
+
+def _image(image: str, options: RenderOptions) -> dict[str, Any]:
     """The image and how to build it, so a plain `docker compose up` in the app folder builds
     what it lacks (from docker/wheelhouse if filled, else the package index) instead of
     trying to pull our tags from a registry."""
+    if options.build_context is None:
+        return {"image": image}
     target = "superlink" if image == SUPERLINK_IMAGE else "app"
-    return {"image": image, "build": {"context": ".", "dockerfile": "docker/Dockerfile", "target": target}}
+    build = {"context": options.build_context, "dockerfile": "docker/Dockerfile", "target": target}
+    return {"image": image, "build": build}
 
 
-def _hardened(image: str) -> dict[str, Any]:
+def _hardened(image: str, options: RenderOptions) -> dict[str, Any]:
     """Whatever a service's process is made to do, it holds no capability, cannot gain one
     (setuid files included) and cannot change its image: it writes only its mounts and two
     tmpfs, /tmp and its $HOME (the flwr CLI's config, the FABs Flower unpacks, library caches).
     `exec` on them: torch.compile (flex_attention) loads the kernels it builds there."""
     return {
-        **_image(image),
+        **_image(image, options),
         "user": IMAGE_USER,
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
@@ -150,8 +179,8 @@ def _hardened(image: str) -> dict[str, Any]:
     }
 
 
-def _common(image: str) -> dict[str, Any]:
-    return {**_hardened(image), "restart": "unless-stopped", "init": True}
+def _common(image: str, options: RenderOptions) -> dict[str, Any]:
+    return {**_hardened(image, options), "restart": "unless-stopped", "init": True}
 
 
 def _hub_access(environment: dict[str, str] | None = None) -> dict[str, Any]:
@@ -160,20 +189,28 @@ def _hub_access(environment: dict[str, str] | None = None) -> dict[str, Any]:
     return {"environment": {**(environment or {}), "HF_TOKEN_PATH": f"/run/secrets/{HF_TOKEN}"}, "secrets": [HF_TOKEN]}
 
 
-def _setup(topology: Topology, options: RenderOptions) -> dict[str, Any]:
+def _setup(topology: Topology, first: bool, options: RenderOptions) -> dict[str, Any]:
     """One-shot, as root: hands the results folder to the images' user and, with TLS, makes
-    the CA, the SuperLink certificate and one key pair per SuperNode, unless they exist.
-    Of root's powers it keeps the two that job takes: chown, and writing into folders that
-    already belong to uid 1000 (a rerun that adds a certificate or a key)."""
-    names = dict.fromkeys(["superlink", topology.superlink_address, *(h.name for h in topology.hosts)])
-    command = ["python", "-m", "deploy", "setup-host", "--results", "/setup/results"]
-    volumes = [f"{options.results_dir}:/setup/results"]
+    the CA, the SuperLink certificate and one key pair per SuperNode, unless they exist, or,
+    given them (a kit), only hands them over: on every host, as each kit's keys belong to
+    whoever unpacked it. Of root's powers it keeps the two that job takes: chown, and writing
+    into folders that already belong to uid 1000 (a rerun that adds a certificate or a key)."""
+    command = ["python", "-m", "deploy", "setup-host"]
+    volumes: list[str | dict[str, Any]] = []
+    if first:
+        command += ["--results", "/setup/results"]
+        volumes += [f"{options.results_dir}:/setup/results"]
     if not options.insecure:
-        command += ["--certs", "/setup/certs", "--keys", "/setup/keys", "--nodes", str(len(topology.nodes))]
-        command += [a for n in names for a in ("--name", n)]
-        volumes += [f"{options.certs_dir}:/setup/certs", f"{options.keys_dir}:/setup/keys"]
+        command += ["--certs", "/setup/certs", "--keys", "/setup/keys"]
+        if options.tls_given:
+            command += ["--given"]
+        else:
+            command += ["--nodes", str(len(topology.nodes))]
+            command += [a for n in certificate_names(topology) for a in ("--name", n)]
+        volumes += [_bind(options.certs_dir, "/setup/certs", options, read_only=False)]
+        volumes += [_bind(options.keys_dir, "/setup/keys", options, read_only=False)]
     return {
-        **_hardened(APP_IMAGE),
+        **_hardened(APP_IMAGE, options),
         "user": "0:0",
         "cap_add": ["CHOWN", "DAC_OVERRIDE"],
         "command": command,
@@ -186,7 +223,7 @@ def _register_nodes(topology: Topology, target: str, options: RenderOptions) -> 
     """One-shot: registers every SuperNode's public key, so only those nodes may join. It
     sees the public keys only, each bound by itself, not the folder of private ones."""
     return {
-        **_hardened(APP_IMAGE),
+        **_hardened(APP_IMAGE, options),
         "command": [
             "python", "-m", "deploy", "register-nodes",
             "--superlink", target,
@@ -195,7 +232,7 @@ def _register_nodes(topology: Topology, target: str, options: RenderOptions) -> 
         ],
         "volumes": [
             *_tls_files(options),
-            *(f"{options.keys_dir}/{node.name}.pub:/keys/{node.name}.pub:ro" for node in topology.nodes),
+            *(_bind(f"{options.keys_dir}/{n.name}.pub", f"/keys/{n.name}.pub", options) for n in topology.nodes),
         ],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
         "restart": "no",
@@ -206,7 +243,7 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
     """One-shot: waits for every SuperNode, submits the app in /app, streams its log."""
     tls = ["--insecure"] if options.insecure else ["--root-certificates", f"{CERTS}/ca.crt"]
     return {
-        **_hardened(APP_IMAGE),
+        **_hardened(APP_IMAGE, options),
         "command": [
             "python", "-m", "deploy", "--app", "/app", "submit",
             "--superlink", target,
@@ -224,7 +261,7 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
 def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
     port = str(topology.superlink_port)
     return {
-        **_common(SUPERLINK_IMAGE),
+        **_common(SUPERLINK_IMAGE, options),
         "command": [
             "flower-superlink",
             "--isolation", "process",
@@ -252,7 +289,7 @@ def _model_fetch(options: RenderOptions) -> dict[str, Any]:
     """Fills each host's shared cache with the model and dataset once, before its SuperNodes and
     trainers start."""
     return {
-        **_hardened(APP_IMAGE),
+        **_hardened(APP_IMAGE, options),
         "command": [
             "python", "-m", "deploy", "--app", "/app", "fetch-model",
             *(["--model", options.model] if options.model else []),
@@ -269,7 +306,7 @@ def _serverapp(target: str, options: RenderOptions) -> dict[str, Any]:
     (app.models.initial_adapter), a local model's mounted as that one file, a hub model's
     fetched by the ServerApp itself (hence the token)."""
     return {
-        **_common(APP_IMAGE),
+        **_common(APP_IMAGE, options),
         "command": [
             *REAPED, "flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True), *_superexec_auth(options)
         ],
@@ -304,7 +341,7 @@ def _gpu_reservation(gpu: int | None, options: RenderOptions) -> dict[str, Any]:
 def _trainer(group: TrainerGroup, options: RenderOptions) -> dict[str, Any]:
     """The GPU's warm trainers; the overrides `submit` sends tell them which model to load."""
     return {
-        **_common(APP_IMAGE),
+        **_common(APP_IMAGE, options),
         "command": [
             "python", "-m", "deploy", "--app", "/app", "trainer",
             "--dir", TRAINERS,
@@ -329,7 +366,7 @@ def _supernode(
         training, volumes = f'trainer-dir="{TRAINERS}" trainer-home="{node.trainer_home}"', [f"trainers:{TRAINERS}"]
         access = {"environment": dict(SUPERNODE_ENV)}
     service: dict[str, Any] = {
-        **_common(APP_IMAGE),
+        **_common(APP_IMAGE, options),
         "command": [
             *REAPED,
             "flower-supernode",
@@ -342,12 +379,14 @@ def _supernode(
         "volumes": [
             *volumes,
             *_tls_files(options),
-            *([] if options.insecure else [f"{options.keys_dir}/{node.name}.key:/keys/node.key:ro"]),
+            *([] if options.insecure else [_bind(f"{options.keys_dir}/{node.name}.key", "/keys/node.key", options)]),
             *options.extra_volumes,
         ],
         **_gpu_reservation(node.gpu, options),
     }
     service["depends_on"] = {"model-fetch": {"condition": "service_completed_successfully"}}
+    if options.tls_given and not first:  # on the first host, the SuperLink waits for it
+        service["depends_on"]["setup"] = {"condition": "service_completed_successfully"}
     if trainer is not None:
         service["depends_on"][trainer.name] = {"condition": "service_started"}
     if first:

@@ -20,7 +20,7 @@ from deploy.errors import DeployError
 from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
 from deploy.project import parse_overrides, resolve_run_config
-from deploy.tls import TlsFiles, make_certificates, make_node_keys, make_superexec_secret
+from deploy.tls import TlsFiles, make_tls_material
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
@@ -43,18 +43,26 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
 
 
 def cmd_setup_host(args: argparse.Namespace) -> int:
-    """What compose's one-shot `setup` service runs (as root) before anything else."""
-    prepare_host_folder(args.results)
-    if args.certs:
-        files = make_certificates(args.certs, args.name or ["superlink"])
-        make_superexec_secret(args.certs)
-        prepare_host_folder(args.certs)
-        _keep_ca_key_from_containers(files)
+    """What compose's one-shot `setup` service runs (as root) before anything else.
+
+    With `--given` (a kit's stack, see deploy.kit) the TLS material came in the kit: it is
+    only handed to the images' user, never made, so no host mints a key or a CA that the
+    SuperLink does not know.
+    """
+    if args.results:
+        prepare_host_folder(args.results)
+    if args.certs and not args.given:
+        if not args.keys:
+            raise DeployError("setup-host --certs needs --keys: the SuperNodes' key pairs are made with the CA")
+        nodes = [f"supernode-{i}" for i in range(args.nodes)]
+        files = make_tls_material(args.certs, args.keys, args.name or ["superlink"], nodes)
         print(f"CA certificate: {files.ca_cert} (copy it to every SuperNode host and to `flwr` users)")
-    if args.keys:
-        make_node_keys(args.keys, [f"supernode-{i}" for i in range(args.nodes)])
-        prepare_host_folder(args.keys)
         print(f"SuperNode keys: {args.keys} (copy each node's .key to the host that runs it)")
+    for folder in (args.certs, args.keys):
+        if folder:
+            prepare_host_folder(folder)
+    if args.certs:
+        _keep_ca_key_from_containers(TlsFiles.in_folder(args.certs))
     return 0
 
 
@@ -95,11 +103,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     p_setup = commands.add_parser("setup-host", help="results folder, TLS material, node keys (compose runs it)")
-    p_setup.add_argument("--results", type=Path, required=True, help="results folder to hand to uid 1000")
+    p_setup.add_argument("--results", type=Path, help="results folder to hand to uid 1000")
     p_setup.add_argument("--certs", type=Path, help="folder for the CA and the SuperLink certificate")
     p_setup.add_argument("--name", action="append", help="a name or IP the SuperLink is reached by (repeat)")
     p_setup.add_argument("--keys", type=Path, help="folder for the SuperNodes' key pairs")
     p_setup.add_argument("--nodes", type=int, default=0, help="number of SuperNode key pairs")
+    p_setup.add_argument(
+        "--given", action="store_true", help="--certs and --keys came in a kit: hand them to uid 1000, make nothing"
+    )
     p_setup.set_defaults(func=cmd_setup_host)
 
     p_register = commands.add_parser("register-nodes", help="register SuperNode public keys (compose runs it)")

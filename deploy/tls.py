@@ -176,6 +176,16 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
     return keys
 
 
+def make_tls_material(certs: Path, keys: Path, names: Iterable[str], nodes: Iterable[str]) -> TlsFiles:
+    """The CA, the SuperLink certificate naming `names`, the SuperExec secret and a key pair
+    per node in `nodes`, each made only where missing. Compose's `setup` step and `deploy kit`
+    both call this, so a kit carries exactly what a one-host stack would have made."""
+    files = make_certificates(certs, names)
+    make_superexec_secret(certs)
+    make_node_keys(keys, nodes)
+    return files
+
+
 def _private_pem(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, form, serialization.NoEncryption())
 

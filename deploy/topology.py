@@ -43,7 +43,7 @@ class Host:
                 f"--host {text!r}: expected NAME or NAME=GPU,GPU,..., NAME a host name or IP "
                 "(letters, digits, '.', '-'; it names compose files and certificates)"
             )
-        return cls(name.strip(), parse_gpus(gpus) if gpus.strip() else ())
+        return cls(name.strip(), parse_gpus(gpus, f"--host {text!r}") if gpus.strip() else ())
 
 
 @dataclass(frozen=True)
@@ -119,15 +119,17 @@ class Topology:
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def parse_gpus(text: str) -> tuple[int, ...]:
+def parse_gpus(text: str, setting: str | None = None) -> tuple[int, ...]:
+    """`setting`: what a refusal names, the --host value the ids came in (default: --gpus)."""
     if not text.strip():
         return ()
+    setting = setting or f"--gpus {text!r}"
     try:
         gpus = tuple(int(g) for g in text.split(","))
     except ValueError:
-        raise LayoutError(f"--gpus {text!r}: expected GPU ids such as 0,1,2,3 (or '' for the CPU)") from None
+        raise LayoutError(f"{setting}: expected GPU ids such as 0,1,2,3 (or '' for the CPU)") from None
     if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
-        raise LayoutError(f"--gpus {text!r}: GPU ids must be distinct integers >= 0")
+        raise LayoutError(f"{setting}: GPU ids must be distinct integers >= 0")
     return gpus
 
 

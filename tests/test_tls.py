@@ -94,6 +94,7 @@ def test_setup_host_re_issues_for_a_new_host_and_keeps_the_ca_key_root_only(tmp_
 
     def setup(*names: str) -> subprocess.CompletedProcess:
         argv = ["setup-host", "--results", str(tmp_path / "results"), "--certs", str(certs)]
+        argv += ["--keys", str(tmp_path / "keys")]
         argv += [a for name in names for a in ("--name", name)]
         return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *argv], capture_output=True, text=True)
 
