@@ -55,6 +55,7 @@ def binds(document: dict) -> list[dict]:
     return [v for s in document["services"].values() for v in s.get("volumes", []) if isinstance(v, dict)]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_each_kit_holds_its_own_keys_and_only_the_superlink_kit_its_secrets(tmp_path, layout):
     hosts = LAYOUTS[layout]
@@ -96,6 +97,7 @@ def test_each_kit_holds_its_own_keys_and_only_the_superlink_kit_its_secrets(tmp_
     x509.load_pem_x509_certificate((superlink / "certs/superlink.crt").read_bytes()).verify_directly_issued_by(ca)
 
 
+@pytest.mark.unit
 def test_the_build_context_is_what_dockerignore_lets_through(tmp_path):
     folder = kit(tmp_path, LAYOUTS["2 hosts"]) / "gpu-b"
     context = {str(p.relative_to(folder / "build")) for p in (folder / "build").rglob("*") if p.is_file()}
@@ -103,6 +105,7 @@ def test_the_build_context_is_what_dockerignore_lets_through(tmp_path):
     assert not any(path.startswith(("tests/", ".git", ".venv", "bench/")) or "__pycache__" in path for path in context)
 
 
+@pytest.mark.unit
 def test_archives_unpack_to_the_same_files_and_modes_and_the_ca_is_kept_between_kits(tmp_path):
     hosts = LAYOUTS["3 hosts"]
     out = kit(tmp_path, hosts, "--archive")
@@ -120,6 +123,7 @@ def test_archives_unpack_to_the_same_files_and_modes_and_the_ca_is_kept_between_
             assert (again / host / name).read_bytes() == (folder / name).read_bytes(), name
 
 
+@pytest.mark.unit
 def test_setup_on_a_node_host_hands_the_kit_over_and_makes_nothing(tmp_path):
     """What the kit's `setup` service runs (as root there, as here when tests run as root)."""
     folder = kit(tmp_path, LAYOUTS["2 hosts"]) / "gpu-b"
@@ -135,6 +139,7 @@ def test_setup_on_a_node_host_hands_the_kit_over_and_makes_nothing(tmp_path):
             assert (mode.st_uid, mode.st_gid) == (1000, 1000)
 
 
+@pytest.mark.docker
 def test_docker_compose_accepts_every_kit(tmp_path, docker_engine):
     out = kit(tmp_path, LAYOUTS["3 hosts"])
     for folder in out.iterdir():
@@ -152,6 +157,7 @@ def test_docker_compose_accepts_every_kit(tmp_path, docker_engine):
         (["--host", "gpu-a=0", "--host", "gpu-b", "--out", "{existing}"], "--out"),
     ],
 )
+@pytest.mark.unit
 def test_a_bad_request_is_refused_in_one_line_naming_the_setting(tmp_path, capsys, argv, setting):
     existing = tmp_path / "existing"
     existing.mkdir()
