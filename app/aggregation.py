@@ -19,7 +19,7 @@ into B (B = U_r S_r, A = V_r^T), as the FlexLoRA reference code and the FlowerTu
 benchmark strategy of the `use_flexlora` leaderboard submissions do
 (yan-gao-GY/flowertune-benchmark, `FlexLoraLlm.distribute_weight_fast`): the default,
 so that our FlexLoRA reproduces the seed's. "balanced" gives each factor sqrt(S_r)
-(B^T B = A A^T = S_r); bench/results/flexlora_split/ compares the two.
+(B^T B = A A^T = S_r); bench/flexlora_split/ compares the two.
 
 FedAvg lives here too, although Flower ships one: ours accumulates in float64 (the
 result does not depend on the clients' order), keeps each tensor's dtype and names the
@@ -114,7 +114,7 @@ def fedavg(
 def _one_thread() -> Iterator[None]:
     """FlexLoRA makes ~2,500 small torch calls; with one thread per core on a host whose
     cores are busy training, each call waits for stalled threads: 4-7 s a round on a loaded
-    32-core host against 0.1-0.2 s on one thread (bench/profile_flexlora.py)."""
+    32-core host against 0.1-0.2 s on one thread (bench/flexlora_aggregation/profile_flexlora.py)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

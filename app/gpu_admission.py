@@ -27,7 +27,7 @@ BYTES_PER_PARAM = {4: 0.66, 8: 1.15, 0: 2.0}
 # What a training process holds beyond its weights (activations, optimizer state, CUDA
 # context, allocator slack), measured for Gemma2-9B (42 layers x 3584 hidden) at batch
 # 2 x 512 tokens on an H100 with `build_model`: 11.08 GiB per process with gradient
-# checkpointing, 21.08 GiB without, 5.73 GiB of it weights (bench/results/memory_side_by_side.txt).
+# checkpointing, 21.08 GiB without, 5.73 GiB of it weights (bench/memory/ours_vs_template.txt).
 REFERENCE_TOKENS_X_WIDTH = 2 * 512 * 42 * 3584
 ACTIVATION_BYTES = {True: 5.35 * GIB, False: 15.35 * GIB}
 
@@ -77,7 +77,7 @@ def visible_gpu_bytes() -> int | None:
 def resolve_checkpointing(model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None) -> ModelSettings:
     """Turns `gradient-checkpointing = "auto"` into on or off for this GPU.
 
-    Off (faster: bench/README.md) when `sharing` trainings fit the GPU without it, on
+    Off (faster: bench/round_time/historical_h100/RESULTS.md) when `sharing` trainings fit the GPU without it, on
     otherwise; on the CPU there is no memory to plan, so off.
     """
     if model.gradient_checkpointing is not None:

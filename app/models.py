@@ -89,7 +89,7 @@ def build_model(settings: ModelSettings) -> PeftModel:
     model.generation_config.use_cache = False
     if settings.gradient_checkpointing:
         # Reentrant checkpointing trained 1.21x faster than non-reentrant at equal memory on
-        # an H100 (bench/results/reentrant_ab.txt); it needs inputs that require grad, hence
+        # an H100 (bench/memory/reentrant_ab.txt); it needs inputs that require grad, hence
         # enable_input_require_grads, since the embedding itself is frozen.
         if hasattr(model, "activation_checkpointing_enable"):  # the old name warns where this exists
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})

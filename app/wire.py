@@ -2,7 +2,7 @@
 
 Flower moves every Array of a message as its own object, each with its own requests
 to the SuperLink. Gemma2-9B's adapter is 168 tensors, and sending them one by one cost
-about 45 s of a ~20 s round (bench/README.md); as one file it is a handful of objects.
+about 45 s of a ~20 s round (bench/round_time/historical_h100/RESULTS.md); as one file it is a handful of objects.
 safetensors keeps each tensor's name, shape and dtype, so both ends still check them,
 and a warm trainer takes the very same bytes.
 """

@@ -109,7 +109,7 @@ def test_saving_over_a_checkpoint_replaces_it_whole(run_config, tmp_path):
 def test_gradient_checkpointing_still_trains_every_lora_factor(run_config, tmp_path):
     """Reentrant checkpointing drops the gradients of a block whose inputs need none, and
     the embedding is frozen: every LoRA factor must still learn. (On the 4-bit GPU path,
-    where PEFT does not do it for us, bench/results/reentrant_ab.txt checks the same.)"""
+    where PEFT does not do it for us, bench/memory/reentrant_ab.txt checks the same.)"""
     config = AppConfig.from_run_config({**run_config, "model.gradient-checkpointing": True})
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset)

@@ -60,7 +60,7 @@ RUN PIP_CONFIG_FILE=/dev/null python3 -m pip install --break-system-packages --r
       --progress-bar off '$TORCH_SPEC' \\
  && python3 -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu visible', torch.cuda.is_available()); sys.exit(torch.version.cuda != '$EXPECT_CUDA')"
 # flowertune-deploy.cuda-standin: every image built FROM this one inherits it, so
-# bench/cuda_image.sh can find (and remove) the untagged stage images of its builds.
+# bench/cuda_image/cuda_image.sh can find (and remove) the untagged stage images of its builds.
 LABEL flowertune-deploy.cuda-standin="$TORCH_SPEC" \\
       org.opencontainers.image.title="flowertune CUDA torch base (local stand-in)" \\
       org.opencontainers.image.description="$BASE + PyPI $TORCH_SPEC (CUDA $EXPECT_CUDA), standing in for pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime"
