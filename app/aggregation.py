@@ -73,33 +73,23 @@ def _check_same_keys(states: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
         if other != reference:
             missing = sorted(reference - other)
             extra = sorted(other - reference)
-            raise ValueError(
-                f"state {index} has different keys from state 0: "
-                f"missing {missing}, unexpected {extra}"
-            )
+            raise ValueError(f"state {index} has different keys from state 0: missing {missing}, unexpected {extra}")
     return keys
 
 
-def _average_tensors(
-    key: str, tensors: Sequence[torch.Tensor], probs: Sequence[float]
-) -> torch.Tensor:
+def _average_tensors(key: str, tensors: Sequence[torch.Tensor], probs: Sequence[float]) -> torch.Tensor:
     """Accumulate in float64 so the result does not depend on the clients' order."""
     shape = tensors[0].shape
     for index, tensor in enumerate(tensors[1:], start=1):
         if tensor.shape != shape:
-            raise ValueError(
-                f"key {key!r}: state {index} has shape {tuple(tensor.shape)}, "
-                f"state 0 has {tuple(shape)}"
-            )
+            raise ValueError(f"key {key!r}: state {index} has shape {tuple(tensor.shape)}, state 0 has {tuple(shape)}")
     acc = tensors[0].to(torch.float64) * probs[0]
     for tensor, prob in zip(tensors[1:], probs[1:]):
         acc.add_(tensor.to(device=acc.device, dtype=torch.float64), alpha=prob)
     return acc.to(tensors[0].dtype)
 
 
-def fedavg(
-    states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
-) -> dict[str, torch.Tensor]:
+def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """FedAvg: sum_k p_k t_k with p_k = w_k / sum(w), key by key.
 
     Weights are normally example counts, so a client's pull on the average matches how

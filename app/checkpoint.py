@@ -12,16 +12,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from flwr.app import ArrayRecord
-from safetensors.torch import load_file, save_file
-
 from flwr.common import log
+from safetensors.torch import load_file, save_file
 
 from app.config import AppConfig, ConfigError, ModelSettings
 from app.durable import fsync_path, replace_folder, write_durably
@@ -63,7 +62,7 @@ class ResumeState:
     rounds_aggregated: int
 
     @classmethod
-    def read(cls, run_dir: Path, config: AppConfig) -> "ResumeState":
+    def read(cls, run_dir: Path, config: AppConfig) -> ResumeState:
         """The state `RunRecorder` left, checked against the settings that continue it."""
         where = f"results.resume-from = '{run_dir}'"
         if not (run_dir / RESUME_JSON).is_file():
@@ -138,7 +137,9 @@ class RunRecorder:
         if report.arrays is not None and (
             report.server_round % self.save_every == 0 or report.server_round == self.num_rounds
         ):
-            saved = save_adapter(report.arrays.to_torch_state_dict(), self.model, self.folder / f"round-{report.server_round}")
+            saved = save_adapter(
+                report.arrays.to_torch_state_dict(), self.model, self.folder / f"round-{report.server_round}"
+            )
         line = {
             "round": report.server_round,
             "aggregation": self.aggregation,

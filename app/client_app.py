@@ -14,6 +14,7 @@ from logging import INFO
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
+
 from app.config import AppConfig, NodeSettings
 from app.trainer_client import train_remotely
 from app.trainer_protocol import trainer_gpu
@@ -43,7 +44,10 @@ def train(msg: Message, context: Context) -> Message:
         log(
             INFO,
             "partition %d, round %d: trained on warm trainer %s%s",
-            node.partition_id, server_round, reply.trainer, " (its own GPU's were busy)" if reply.overflow else "",
+            node.partition_id,
+            server_round,
+            reply.trainer,
+            " (its own GPU's were busy)" if reply.overflow else "",
         )
         arrays = pack_bytes(reply.adapter)
         metrics = {

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 QUANTIZATION_BITS = (0, 4, 8)
 # bitsandbytes' 4-bit kinds: the FlowerTune template's `BitsAndBytesConfig(load_in_4bit=True)` is fp4.
@@ -186,11 +187,13 @@ class AppConfig:
     resume_from: Path | None = None
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "AppConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
         get = _Reader(run_config)
         targets = tuple(t.strip() for t in get("model.lora.peft-lora-target-modules", str).split(",") if t.strip())
         if not targets:
-            raise ConfigError("model.lora.peft-lora-target-modules = '': name at least one module, e.g. 'q_proj,v_proj'")
+            raise ConfigError(
+                "model.lora.peft-lora-target-modules = '': name at least one module, e.g. 'q_proj,v_proj'"
+            )
         model = ModelSettings(
             name=get("model.name", str, lambda v: bool(v.strip()), "a hub id or a local folder"),
             quantization=get("model.quantization", int, lambda v: v in QUANTIZATION_BITS, "one of 0, 4, 8"),
@@ -203,7 +206,10 @@ class AppConfig:
             ),
             attention=get("model.attention", str, lambda v: v in ATTENTION, "one of " + ", ".join(ATTENTION)),
             quantization_type=get(
-                "model.quantization-type", str, lambda v: v in QUANTIZATION_TYPES, "one of " + ", ".join(QUANTIZATION_TYPES)
+                "model.quantization-type",
+                str,
+                lambda v: v in QUANTIZATION_TYPES,
+                "one of " + ", ".join(QUANTIZATION_TYPES),
             ),
             double_quantization=get("model.double-quantization", bool, allowed="true or false"),
         )
@@ -223,7 +229,9 @@ class AppConfig:
             ),
             save_every_round=get("train.save-every-round", int, _positive, "an integer > 0"),
             seed=get("train.seed", int),
-            max_trainings_per_gpu=get("train.max-trainings-per-gpu", int, lambda v: v >= 0, "0 (auto) or an integer > 0"),
+            max_trainings_per_gpu=get(
+                "train.max-trainings-per-gpu", int, lambda v: v >= 0, "0 (auto) or an integer > 0"
+            ),
             dynamic_data_seed=get("train.dynamic-data-seed", bool, allowed="true or false"),
             learn_eos=get("train.learn-eos", bool, allowed="true or false"),
         )
@@ -253,7 +261,15 @@ class AppConfig:
                     f"{key} = {run_config[key]!r}: a static leaderboard setting, fixed at {fixed!r} "
                     "(leaderboard=false allows it, for a run outside the leaderboard)"
                 )
-        return cls(model, train, dataset, strategy, results_dir, leaderboard, Path(resume_from).expanduser() if resume_from else None)
+        return cls(
+            model,
+            train,
+            dataset,
+            strategy,
+            results_dir,
+            leaderboard,
+            Path(resume_from).expanduser() if resume_from else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -269,7 +285,7 @@ class NodeSettings:
     data_files: tuple[str, ...] = ()
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> "NodeSettings":
+    def from_node_config(cls, node_config: Mapping[str, Any], app: AppConfig) -> NodeSettings:
         get = _Reader(node_config, source="node config", error=NodeConfigError)
         expected = app.dataset.num_partitions
         num = get("num-partitions", int, lambda v: v == expected, f"{expected} (static.dataset.num-partitions)")
@@ -300,7 +316,7 @@ def _checkpointing(value: Any) -> bool | None:
     if value == "auto":
         return None
     raise ConfigError(
-        f"model.gradient-checkpointing = {value!r}: must be true, false or \"auto\" "
+        f'model.gradient-checkpointing = {value!r}: must be true, false or "auto" '
         "(off when the trainings placed on a GPU fit without it)"
     )
 

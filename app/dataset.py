@@ -6,7 +6,8 @@ The hub dataset and an offline copy of it (`json` data files) go through the sam
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from datasets import Dataset
 from datasets.exceptions import DatasetGenerationError
@@ -98,7 +99,10 @@ def tokenize_example(
     encoded = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
     response_start = len(prompt.rstrip())
     input_ids = list(encoded["input_ids"])
-    labels = [tid if start >= response_start else IGNORE_INDEX for tid, (start, _) in zip(input_ids, encoded["offset_mapping"])]
+    labels = [
+        tid if start >= response_start else IGNORE_INDEX
+        for tid, (start, _) in zip(input_ids, encoded["offset_mapping"])
+    ]
     if learn_eos:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from itertools import chain, zip_longest
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 
 class EvaluationError(ValueError):
@@ -96,9 +97,13 @@ def _load_raw(data: str | None):
         try:
             return datasets.load_dataset(HUB_DATA, "all", split="test")
         except Exception as err:  # offline, or the hub refused: say what to do instead
-            raise EvaluationError(f"cannot load {HUB_DATA} ({type(err).__name__}); pass --data with local MMLU files") from None
+            raise EvaluationError(
+                f"cannot load {HUB_DATA} ({type(err).__name__}); pass --data with local MMLU files"
+            ) from None
     path = Path(data).expanduser()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    )
     if not files or not all(f.is_file() for f in files):
         raise EvaluationError(f"--data {data}: no such file, or a folder without .json/.jsonl/.parquet files")
     kind = "parquet" if files[0].suffix == ".parquet" else "json"
@@ -137,7 +142,11 @@ def load_model(base: str, adapter: Path | None, quantization: int):
     config = BitsAndBytesConfig(**{f"load_in_{quantization}bit": True}) if quantization else None
     dtype = {4: torch.float32, 8: torch.float16}.get(quantization, torch.bfloat16 if on_gpu else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(  # eager attention: Gemma2's soft-capping, exact
-        base, quantization_config=config, dtype=dtype, device_map={"": 0} if on_gpu else None, attn_implementation="eager"
+        base,
+        quantization_config=config,
+        dtype=dtype,
+        device_map={"": 0} if on_gpu else None,
+        attn_implementation="eager",
     )
     if adapter is not None:
         with peft_quietly():
@@ -148,21 +157,32 @@ def load_model(base: str, adapter: Path | None, quantization: int):
     return model.eval(), tokenizer
 
 
-def evaluate(model, tokenizer, questions: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
+def evaluate(
+    model, tokenizer, questions: Sequence[dict], batch_size: int = 16, max_new_tokens: int | None = None
+) -> dict:
     """Greedy answers to every question, batch by batch. Without max_new_tokens each batch
     generates as many tokens as its first gold letter has, as the reference does."""
     import torch
 
     predictions = []
     for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
+        batch = questions[start : start + batch_size]
         new = max_new_tokens or len(tokenizer(batch[0]["answer"], add_special_tokens=False)["input_ids"])
         inputs = tokenizer([format_prompt(q) for q in batch], return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for q, text in zip(batch, tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)):
-            predictions.append({"subject": q["subject"], "category": q["category"], "answer": q["answer"],
-                                "output": text, "predicted": extract_answer(text)})
+        for q, text in zip(
+            batch, tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ):
+            predictions.append(
+                {
+                    "subject": q["subject"],
+                    "category": q["category"],
+                    "answer": q["answer"],
+                    "output": text,
+                    "predicted": extract_answer(text),
+                }
+            )
     letters = [p["predicted"] for p in predictions]
     return {"scores": score(questions, letters), "counts": tally(questions, letters), "predictions": predictions}
 
@@ -183,13 +203,18 @@ def resolve_target(path: Path) -> tuple[Path | None, Path | None, str | None]:
     """(run folder or None, adapter or None, base model name) for a run folder, whose newest
     round-N adapter it takes, or for an adapter folder (a run's round-N, or any other)."""
     if (path / "run.json").is_file():
-        rounds = [(int(m[1]), d) for d in path.iterdir()
-                  if (m := re.fullmatch(r"round-(\d+)", d.name)) and (d / "adapter_config.json").is_file()]
+        rounds = [
+            (int(m[1]), d)
+            for d in path.iterdir()
+            if (m := re.fullmatch(r"round-(\d+)", d.name)) and (d / "adapter_config.json").is_file()
+        ]
         return path, max(rounds)[1] if rounds else None, json.loads((path / "run.json").read_text())["model"]["name"]
     if (path / "adapter_config.json").is_file():
         run = path.parent if (path.parent / "run.json").is_file() else None
         return run, path, json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    raise EvaluationError(f"RUN_OR_ADAPTER {path}: neither a run folder (run.json) nor an adapter folder (adapter_config.json)")
+    raise EvaluationError(
+        f"RUN_OR_ADAPTER {path}: neither a run folder (run.json) nor an adapter folder (adapter_config.json)"
+    )
 
 
 def store(run: Path, key_prefix: str, result: dict) -> list[str]:

@@ -74,7 +74,9 @@ def visible_gpu_bytes() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def resolve_checkpointing(model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None) -> ModelSettings:
+def resolve_checkpointing(
+    model: ModelSettings, train: TrainSettings, sharing: int, gpu_bytes: int | None
+) -> ModelSettings:
     """Turns `gradient-checkpointing = "auto"` into on or off for this GPU.
 
     Off (faster: bench/round_time/historical_h100/RESULTS.md) when `sharing` trainings fit the GPU without it, on
@@ -92,6 +94,7 @@ def check_fits(model: ModelSettings, train: TrainSettings, sharing: int, gpu_byt
     if gpu_bytes is not None and sharing > (fit := trainings_that_fit(model, train, gpu_bytes)):
         need = estimate_training_bytes(model, train)
         raise ConfigError(
-            f"--trainers-per-gpu {sharing}: {sharing} trainers of about {need / GIB:.1f} GiB each do not fit this GPU's "
+            f"--trainers-per-gpu {sharing}: {sharing} trainers of about {need / GIB:.1f} GiB each "
+            "do not fit this GPU's "
             f"{gpu_bytes / GIB:.0f} GiB; use at most {fit} (or train.max-trainings-per-gpu = {fit})"
         )

@@ -15,13 +15,13 @@ node that repeats another online node's partition (`app.partition_owners`).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from logging import WARNING
-from typing import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.common import log
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from app.config import NodeConfigError
 from app.partition_owners import PartitionOwners
@@ -62,7 +62,14 @@ class PromptGrid(Grid):
         """The other online node that already trains `partition`, or None once `node` does."""
         owner = self.owners.claim(node, partition, self.online())
         if owner is not None:
-            log(WARNING, "Node %d repeats partition %d of node %d: held back from sampling while node %d is online", node, partition, owner, owner)
+            log(
+                WARNING,
+                "Node %d repeats partition %d of node %d: held back from sampling while node %d is online",
+                node,
+                partition,
+                owner,
+                owner,
+            )
         return owner
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

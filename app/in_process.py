@@ -46,7 +46,11 @@ def train_in_process(
         )
         del model
         torch.cuda.empty_cache()  # free the GPU before the next client takes the slot
-    return {k: v.numpy() for k, v in state.items()}, {**metrics, "num-examples": len(partition), "prepare-seconds": prepared}
+    return {k: v.numpy() for k, v in state.items()}, {
+        **metrics,
+        "num-examples": len(partition),
+        "prepare-seconds": prepared,
+    }
 
 
 def _wait_for_own_children() -> None:

@@ -11,7 +11,7 @@ dead id online for up to two missed heartbeats) trains it again at once.
 
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 
 class PartitionOwners:
@@ -34,7 +34,11 @@ class PartitionOwners:
 
     def held_back(self, online: Collection[int]) -> set[int]:
         """Repeats whose partition's owner is still online: sampling them would be wasted."""
-        return {node for node, partition in self._repeats.items() if self._other_online_owner(node, partition, online) is not None}
+        return {
+            node
+            for node, partition in self._repeats.items()
+            if self._other_online_owner(node, partition, online) is not None
+        }
 
     def _other_online_owner(self, node: int, partition: int, online: Collection[int]) -> int | None:
         owner = self._owner.get(partition)

@@ -8,8 +8,9 @@ files alone and puts several runs on one chart (FedAvg against FlexLoRA).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 # The FlowerTune template's communication tracker counts the adapter bytes a run moves
 # between server and clients against this budget.
@@ -109,22 +110,29 @@ def markdown(summary: dict[str, Any]) -> str:
         f"# Run {summary['run']}",
         "",
         f"- model: `{model.get('name', '?')}`, aggregation: {'FlexLoRA' if strategy.get('use_flexlora') else 'FedAvg'}",
-        "- leaderboard settings: " + ("pinned" if summary["settings"].get("leaderboard", True) else
-                                      "**off** (leaderboard=false: not comparable with the FlowerTune leaderboard)"),
+        "- leaderboard settings: "
+        + (
+            "pinned"
+            if summary["settings"].get("leaderboard", True)
+            else "**off** (leaderboard=false: not comparable with the FlowerTune leaderboard)"
+        ),
         f"- rounds: {summary['rounds-completed']} of {summary['rounds-planned']}, final aggregate loss: "
         + (f"{summary['final-loss']:.4f}" if summary["final-loss"] is not None else "none"),
         f"- time: {summary['seconds-total']:.1f} s = training {s['training']:.1f} + aggregation and checkpoints "
         f"{s['aggregation']:.1f} + other {s['other']:.1f} (exchange, client start-up)",
-        f"- communication: {_size(b['total'])} in total ({_size(b['to-clients'])} to clients, {_size(b['from-clients'])} "
-        f"from clients; {_size(b['per-client-round-to-client'])} down and {_size(b['per-client-round-from-client'])} up "
+        f"- communication: {_size(b['total'])} in total ({_size(b['to-clients'])} to clients, "
+        f"{_size(b['from-clients'])} from clients; {_size(b['per-client-round-to-client'])} down and "
+        f"{_size(b['per-client-round-from-client'])} up "
         f"per client and round), {100 * b['share-of-budget']:.5f} % of the FlowerTune budget of {_size(b['budget'])}",
         "",
     ]
     if summary["evaluation"]:
         lines += ["| evaluation | accuracy |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in summary["evaluation"].items()] + [""]
-    lines += ["| round | seconds | training | aggregation | other | loss | clients (partition: loss, s) | bytes down / up |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "| round | seconds | training | aggregation | other | loss | clients (partition: loss, s) | bytes down / up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in summary["rounds"]:
         clients = "; ".join(f"{c['partition-id']}: {c['loss']:.3f}, {c['seconds']:.1f} s" for c in r["clients"])
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "kept"
@@ -205,10 +213,13 @@ def progress_line(summary: dict[str, Any]) -> str:
     done, planned = summary["rounds-completed"], summary["rounds-planned"] or summary["rounds-completed"]
     elapsed = summary["seconds-total"]
     eta = elapsed / done * (planned - done)
-    clients = "; ".join(
-        f"partition {c['partition-id']}{_on_gpu(c['gpu'])}: loss {c['loss']:.4f} in {c['seconds']:.1f} s"
-        for c in row["clients"]
-    ) or "no update"
+    clients = (
+        "; ".join(
+            f"partition {c['partition-id']}{_on_gpu(c['gpu'])}: loss {c['loss']:.4f} in {c['seconds']:.1f} s"
+            for c in row["clients"]
+        )
+        or "no update"
+    )
     loss = f"{row['loss']:.4f}" if row["loss"] is not None else "adapter kept"
     return (
         f"round {done}/{planned}: {clients}; aggregate loss {loss}; {row['seconds']:.1f} s, elapsed {elapsed:.0f} s, "

@@ -66,7 +66,13 @@ def main(grid: Grid, context: Context) -> None:
     # round needs only its own nodes online, so a dead node never stalls the run.
     online = prompt.wait_for_nodes(num_nodes, config.strategy.round_timeout)
     if online < num_nodes:
-        log(WARNING, "%d of %d nodes online after %.0f s: sampling among those", online, num_nodes, config.strategy.round_timeout)
+        log(
+            WARNING,
+            "%d of %d nodes online after %.0f s: sampling among those",
+            online,
+            num_nodes,
+            config.strategy.round_timeout,
+        )
     strategy = FedAvgOrFlexLora(
         use_flexlora=config.strategy.use_flexlora,
         lora_rank=config.model.lora.r,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
 

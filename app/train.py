@@ -97,7 +97,9 @@ def train_round(
     )
     set_peft_model_state_dict(model, adapter)
     with tempfile.TemporaryDirectory(prefix="flowertune-trainer-") as scratch:
-        result = train_adapter(build_trainer(model, tokenizer, dataset, config.train, learning_rate, server_round, scratch))
+        result = train_adapter(
+            build_trainer(model, tokenizer, dataset, config.train, learning_rate, server_round, scratch)
+        )
     # A copy: on a float32 CPU model `.to` returns the live parameter, which the next round would overwrite.
     state = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in get_peft_model_state_dict(model).items()}
     metrics = {

@@ -46,7 +46,10 @@ class Trainer:
         self.partition_loads = 0
         log.info(
             "trainer %s (pid %d): loaded %s in %.1f s (gradient checkpointing %s)",
-            self.name, os.getpid(), resolved.name, time.perf_counter() - start,
+            self.name,
+            os.getpid(),
+            resolved.name,
+            time.perf_counter() - start,
             "on" if resolved.gradient_checkpointing else "off",
         )
         self._datasets: dict[Any, Any] = {}
@@ -84,7 +87,11 @@ class Trainer:
             torch.cuda.empty_cache()  # what this request used goes back to the GPU's other trainers
         log.info(
             "trainer %s: round %d, partition %d: loss %.4f, %.1f s",
-            self.name, server_round, pid, metrics["train-loss"], metrics["train-seconds"],
+            self.name,
+            server_round,
+            pid,
+            metrics["train-loss"],
+            metrics["train-seconds"],
         )
         return {
             "adapter": save(state),

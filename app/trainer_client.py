@@ -62,11 +62,15 @@ def train_remotely(
         queued = time.monotonic() - start
         with connect(node.trainer_dir, name, timeout) as conn:
             handshake(conn, config.model, name)
-            conn.send({"partition-id": node.partition_id, "server-round": server_round, "config": config, "adapter": adapter})
+            conn.send(
+                {"partition-id": node.partition_id, "server-round": server_round, "config": config, "adapter": adapter}
+            )
             try:
                 reply = conn.recv()
             except (EOFError, OSError) as err:
-                raise TrainerError(f"trainer {name} ended during the request ({err or type(err).__name__}); it is restarted") from None
+                raise TrainerError(
+                    f"trainer {name} ended during the request ({err or type(err).__name__}); it is restarted"
+                ) from None
     if "error" in reply:
         raise TrainerError(f"trainer {name}: {reply['error']}")
     return TrainerReply(reply["adapter"], reply["metrics"], name, queued, name.rsplit("-", 1)[0] != node.trainer_home)

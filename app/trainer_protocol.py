@@ -100,14 +100,16 @@ class Hello:
     model: ModelSettings | None
 
     @classmethod
-    def mine(cls, model: ModelSettings | None) -> "Hello":
+    def mine(cls, model: ModelSettings | None) -> Hello:
         return cls(PROTOCOL, code_version(), model)
 
 
 def refusal(theirs: Hello, mine: Hello, trainer: str) -> str | None:
     """The one line a trainer answers a client it must not serve, naming both sides."""
     if theirs.protocol != mine.protocol:
-        return f"trainer {trainer} speaks protocol {mine.protocol}, this ClientApp {theirs.protocol}: run the same release"
+        return (
+            f"trainer {trainer} speaks protocol {mine.protocol}, this ClientApp {theirs.protocol}: run the same release"
+        )
     if theirs.code != mine.code:
         return (
             f"trainer {trainer} runs app code {mine.code}, this ClientApp runs {theirs.code}: "

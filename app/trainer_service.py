@@ -68,7 +68,9 @@ def supervise(spec: TrainerSpec) -> None:
                 if quick[index] >= QUICK_DEATHS:
                     log.error("trainer %s died %d times right after starting; giving up", name, quick[index])
                     raise SystemExit(process.exitcode or 1)
-                log.warning("trainer %s (pid %d) exited with code %s; restarting it", name, process.pid, process.exitcode)
+                log.warning(
+                    "trainer %s (pid %d) exited with code %s; restarting it", name, process.pid, process.exitcode
+                )
                 start(index)
     finally:
         for process, _ in workers.values():

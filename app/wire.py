@@ -9,7 +9,7 @@ and a warm trainer takes the very same bytes.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord

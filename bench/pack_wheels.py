@@ -47,23 +47,69 @@ REQUIREMENTS = [
     "pyyaml",
 ]
 PLATFORMS = [
-    "manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
-    "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64",
-    "manylinux_2_5_x86_64", "manylinux_2_12_x86_64", "manylinux2010_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux1_x86_64",
+    "manylinux_2_5_x86_64",
+    "manylinux_2_12_x86_64",
+    "manylinux2010_x86_64",
 ]
 # Present on the device image (KINDS.md pip list / torch deps) or not needed at all.
 SKIP = [
-    "torch-*", "nvidia_*", "cuda_*", "triton-*", "numpy-*", "sympy-*", "mpmath-*", "networkx-*",
-    "jinja2-*", "markupsafe-*", "filelock-*", "huggingface_hub-*", "hf_xet-*", "pillow-*",
+    "torch-*",
+    "nvidia_*",
+    "cuda_*",
+    "triton-*",
+    "numpy-*",
+    "sympy-*",
+    "mpmath-*",
+    "networkx-*",
+    "jinja2-*",
+    "markupsafe-*",
+    "filelock-*",
+    "huggingface_hub-*",
+    "hf_xet-*",
+    "pillow-*",
     "uv-*",  # only for `uv sync` runtime installs, which the launcher disables
 ]
 # On the device image in a version our pins accept (inventory of 2026-11-25).
 DEVICE_PRESENT = [
-    "pyarrow-*", "pandas-*", "matplotlib-*", "fonttools-*", "kiwisolver-*", "contourpy-*", "cycler-*",
-    "pyparsing-*", "seaborn-*", "python_dateutil-*", "uvloop-*", "grpcio-1*", "aiohttp-*", "multidict-*",
-    "yarl-*", "propcache-*", "frozenlist-*", "aiosignal-*", "aiohappyeyeballs-*", "attrs-*", "pygments-*",
-    "xxhash-*", "tqdm-*", "requests-*", "httpx-*", "httpcore-*", "h11-*", "mdurl-*", "shellingham-*",
-    "typing_extensions-*", "pathspec-*",
+    "pyarrow-*",
+    "pandas-*",
+    "matplotlib-*",
+    "fonttools-*",
+    "kiwisolver-*",
+    "contourpy-*",
+    "cycler-*",
+    "pyparsing-*",
+    "seaborn-*",
+    "python_dateutil-*",
+    "uvloop-*",
+    "grpcio-1*",
+    "aiohttp-*",
+    "multidict-*",
+    "yarl-*",
+    "propcache-*",
+    "frozenlist-*",
+    "aiosignal-*",
+    "aiohappyeyeballs-*",
+    "attrs-*",
+    "pygments-*",
+    "xxhash-*",
+    "tqdm-*",
+    "requests-*",
+    "httpx-*",
+    "httpcore-*",
+    "h11-*",
+    "mdurl-*",
+    "shellingham-*",
+    "typing_extensions-*",
+    "pathspec-*",
 ]
 TRIM = {
     "bitsandbytes-*": [
@@ -72,16 +118,35 @@ TRIM = {
         "bitsandbytes/libbitsandbytes_xpu*.so",
     ],
     "pyarrow-*": [
-        "pyarrow/libarrow_flight.so*", "pyarrow/libarrow_s3.so*", "pyarrow/libarrow_python_flight.so*",
-        "pyarrow/_flight.*.so", "pyarrow/_s3fs.*.so", "pyarrow/_pyarrow_cpp_tests.*.so",
-        "pyarrow/include/*", "pyarrow/src/*", "pyarrow/tests/*",
+        "pyarrow/libarrow_flight.so*",
+        "pyarrow/libarrow_s3.so*",
+        "pyarrow/libarrow_python_flight.so*",
+        "pyarrow/_flight.*.so",
+        "pyarrow/_s3fs.*.so",
+        "pyarrow/_pyarrow_cpp_tests.*.so",
+        "pyarrow/include/*",
+        "pyarrow/src/*",
+        "pyarrow/tests/*",
     ],
 }
 
 
 def download(dest: Path) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", "3.12",
-           "--implementation", "cp", "--abi", "cp312", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "-d",
+        str(dest),
+    ]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     subprocess.run(cmd + REQUIREMENTS, check=True)
@@ -111,8 +176,12 @@ def main() -> None:
     ap.add_argument("--download", type=Path, default=Path("/tmp/whl"))
     ap.add_argument("--skip-download", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(".gpu-carry/pack"))
-    ap.add_argument("--exclude", nargs="*", default=DEVICE_PRESENT,
-                    help="more wheel name patterns to leave out (default: what the device image has)")
+    ap.add_argument(
+        "--exclude",
+        nargs="*",
+        default=DEVICE_PRESENT,
+        help="more wheel name patterns to leave out (default: what the device image has)",
+    )
     args = ap.parse_args()
     if not args.skip_download:
         download(args.download)

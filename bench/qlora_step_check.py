@@ -92,7 +92,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--accum", type=int, default=4)
-    ap.add_argument("--max-token-id", type=int, default=300, help="random ids in [3, this): inside the tokenizer's vocab")
+    ap.add_argument(
+        "--max-token-id", type=int, default=300, help="random ids in [3, this): inside the tokenizer's vocab"
+    )
     ap.add_argument("--label", default="", help="a name for this configuration in the JSON")
     ap.add_argument("--seed", type=int, default=None, help="torch.manual_seed before the model is built")
     ap.add_argument("--json", type=Path)
@@ -100,8 +102,8 @@ def main() -> None:
     gc_on = args.checkpointing == "on" and not args.no_gc
 
     t0 = time.perf_counter()
-    import torch
     import peft
+    import torch
     import transformers
 
     try:
@@ -169,7 +171,8 @@ def main() -> None:
                 tensors_with_grad=len(with_grad),
                 tensors_with_nonzero_grad=sum(bool(p.grad.abs().sum() > 0) for p in with_grad),
                 grad_norm=float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in with_grad])))
-                if with_grad else 0.0,
+                if with_grad
+                else 0.0,
             )
         opt.step()
         opt.zero_grad(set_to_none=True)

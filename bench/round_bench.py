@@ -29,10 +29,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 from app.report import read_rounds
 from app.report import round_rows as report_rows
@@ -54,7 +54,7 @@ class GpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         self._thread.start()
         return self
 
@@ -76,7 +76,10 @@ class GpuSampler:
             ):
                 try:
                     text = subprocess.run(
-                        ["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10
+                        ["nvidia-smi", *query, "--format=csv,noheader,nounits"],
+                        capture_output=True,
+                        text=True,
+                        timeout=10,
                     ).stdout
                 except (OSError, subprocess.TimeoutExpired):
                     return
@@ -167,14 +170,26 @@ def docker_stack(args: argparse.Namespace, sent: dict, env: dict, trainers: int)
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**sent, **inside}.items())
     workdir = args.workdir / args.label
     layout = [
-        "--gpus", args.gpus, "--gpu-request", args.gpu_request, "--dir", str(workdir),
-        "--volume", f"{model}:/model:ro", "--volume", f"{data.parent}:/data:ro", "--run-config", config,
+        "--gpus",
+        args.gpus,
+        "--gpu-request",
+        args.gpu_request,
+        "--dir",
+        str(workdir),
+        "--volume",
+        f"{model}:/model:ro",
+        "--volume",
+        f"{data.parent}:/data:ro",
+        "--run-config",
+        config,
     ]
     env = {**env, "FLWR_HOME": str(workdir / "flwr-home")}
     deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT)]
     subprocess.run([*deploy, "down", *layout], env=env, check=False, capture_output=True)
     try:
-        subprocess.run([*deploy, "up", *layout, "--no-submit", "--trainers-per-gpu", str(trainers)], env=env, check=True)
+        subprocess.run(
+            [*deploy, "up", *layout, "--no-submit", "--trainers-per-gpu", str(trainers)], env=env, check=True
+        )
         yield FlwrCli(Path(sys.executable).parent / "flwr", workdir / "flwr-home", "remote-deployment", env), inside
     finally:
         subprocess.run([*deploy, "down", *layout], env=env, check=False)
@@ -192,13 +207,15 @@ def main() -> None:
     ap.add_argument("--gpus", required=True)
     ap.add_argument("--trainers-per-gpu", type=int, help="0: train inside each ClientApp (default: the layout's)")
     ap.add_argument(
-        "--fit-trainers", action="store_true",
+        "--fit-trainers",
+        action="store_true",
         help="cap the layout's trainers per GPU at what fits without gradient checkpointing",
     )
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument(
-        "--runs", default="fedavg",
+        "--runs",
+        default="fedavg",
         help="comma-separated fedavg|flexlora[@FRACTION]; a fraction runs with leaderboard=false",
     )
     ap.add_argument("--rounds", type=int, default=4, help="per run; the first is the warm-up")
@@ -228,16 +245,27 @@ def main() -> None:
         trainers = min(trainers_per_gpu(host, per_round, None), trainers_that_fit(config, gpus))
     topology = plan(nodes, [host], superlink_port=free_port(), nodes_per_round=per_round, trainers=trainers)
     result: dict = {
-        "label": args.label, "backend": args.backend, "gpus": args.gpus, "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
-        "layout": topology.table().splitlines()[:3], "runs": {},
+        "label": args.label,
+        "backend": args.backend,
+        "gpus": args.gpus,
+        "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
+        "layout": topology.table().splitlines()[:3],
+        "runs": {},
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with GpuSampler() as sampler:
         start = time.monotonic()
-        stack = docker_stack(args, sent, env, result["trainers-per-gpu"]) if args.backend == "docker" else process_deployment(args, topology, sent, env)
+        stack = (
+            docker_stack(args, sent, env, result["trainers-per-gpu"])
+            if args.backend == "docker"
+            else process_deployment(args, topology, sent, env)
+        )
         with stack as (cli, inside):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
-            print(f"[{args.label}] deployment up in {result['startup-seconds']} s, {result['trainers-per-gpu']} trainers per GPU", flush=True)
+            print(
+                f"[{args.label}] deployment up in {result['startup-seconds']} s, {result['trainers-per-gpu']} trainers per GPU",
+                flush=True,
+            )
             sampler.take(gpus)
             for name, fraction in runs:
                 key = name if fraction is None else f"{name}@{fraction}"
@@ -256,8 +284,11 @@ def main() -> None:
                 (run_dir,) = results.glob(f"*-run{run_id}")
                 rows = round_rows(read_rounds(run_dir))
                 result["runs"][key] = {
-                    "status": status, "fraction": fraction or config.strategy.fraction_train, "rounds": rows,
-                    **summary(rows, result["startup-seconds"]), "peak-gpu-mib": sampler.take(gpus),
+                    "status": status,
+                    "fraction": fraction or config.strategy.fraction_train,
+                    "rounds": rows,
+                    **summary(rows, result["startup-seconds"]),
+                    "peak-gpu-mib": sampler.take(gpus),
                 }
                 for r in rows:
                     print(
@@ -265,7 +296,10 @@ def main() -> None:
                         f"client start {r['client-start']} + aggregation {r['aggregation']} + exchange {r['exchange']}",
                         flush=True,
                     )
-                print(f"[{args.label} {key}] {status} {details}; median {result['runs'][key]['median-round-seconds']} s", flush=True)
+                print(
+                    f"[{args.label} {key}] {status} {details}; median {result['runs'][key]['median-round-seconds']} s",
+                    flush=True,
+                )
                 args.json.write_text(json.dumps(result, indent=1))
     result["peak-process-mib"] = sampler.processes
     args.json.write_text(json.dumps(result, indent=1))

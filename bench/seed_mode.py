@@ -90,9 +90,16 @@ LORA = LoraSettings(r=8, alpha=16, dropout=0.075, target_modules=("q_proj", "v_p
 def train_settings(args: argparse.Namespace) -> TrainSettings:
     """The seed's: no EOS learned, one data order (the template's defaults)."""
     return TrainSettings(
-        seq_length=args.seq_length, batch_size=BATCH_SIZE, gradient_accumulation_steps=GRADIENT_ACCUMULATION,
-        logging_steps=1, max_steps=args.max_steps, learning_rate_max=LEARNING_RATE_MAX,
-        learning_rate_min=LEARNING_RATE_MIN, save_every_round=5, seed=args.seed, max_trainings_per_gpu=0,
+        seq_length=args.seq_length,
+        batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=GRADIENT_ACCUMULATION,
+        logging_steps=1,
+        max_steps=args.max_steps,
+        learning_rate_max=LEARNING_RATE_MAX,
+        learning_rate_min=LEARNING_RATE_MIN,
+        save_every_round=5,
+        seed=args.seed,
+        max_trainings_per_gpu=0,
     )
 
 

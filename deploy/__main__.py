@@ -1,1 +1,5 @@
-from deploy.cli import main; import sys; sys.exit(main())
+import sys
+
+from deploy.cli import main
+
+sys.exit(main())

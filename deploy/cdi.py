@@ -79,7 +79,10 @@ def spec(dev: Path, library_dirs: list[Path], tools: list[Path]) -> dict[str, An
         "cdiVersion": "0.5.0",
         "kind": KIND,
         "devices": [
-            {"name": node.name.removeprefix("nvidia"), "containerEdits": {"deviceNodes": [{"path": f"/dev/{node.name}", "hostPath": str(node)}]}}
+            {
+                "name": node.name.removeprefix("nvidia"),
+                "containerEdits": {"deviceNodes": [{"path": f"/dev/{node.name}", "hostPath": str(node)}]},
+            }
             for node in gpus
         ],
         "containerEdits": {
@@ -108,11 +111,15 @@ def cmd_cdi_spec(args: Any) -> int:
 
 
 def add_command(commands: Any) -> None:
-    p = commands.add_parser("cdi-spec", help="write a CDI spec for this host's NVIDIA GPUs (no container toolkit needed)")
+    p = commands.add_parser(
+        "cdi-spec", help="write a CDI spec for this host's NVIDIA GPUs (no container toolkit needed)"
+    )
     p.add_argument("--out", type=Path, help="file to write, e.g. /etc/cdi/nvidia.yaml (default: print it)")
     p.add_argument("--dev", type=Path, default=Path("/dev"), help="where the device nodes are (default /dev)")
     p.add_argument(
-        "--library-dir", type=Path, action="append",
+        "--library-dir",
+        type=Path,
+        action="append",
         help="folder of the driver's libraries (repeat; default: where ldconfig finds libcuda)",
     )
     p.set_defaults(func=cmd_cdi_spec)

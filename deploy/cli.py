@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from app.config import AppConfig, ConfigError
 from app.evaluation import EvaluationError
 from deploy import cdi, evaluation, stack_steps
@@ -17,10 +16,10 @@ from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
 from deploy.demo import build_demo
-from deploy.images import GPU_BASE, build_images, outdated_images
-from deploy.kit import IMAGE_WAYS, write_kits
 from deploy.errors import DeployError
 from deploy.flwr_cli import Connection, FlwrCli, register_connection
+from deploy.images import GPU_BASE, build_images, outdated_images
+from deploy.kit import IMAGE_WAYS, write_kits
 from deploy.project import parse_overrides, resolve_run_config
 from deploy.tls import TlsFiles
 from deploy.topology import DEFAULT_PORT, Host, LayoutError, Topology, parse_gpus, plan
@@ -48,7 +47,13 @@ def _trainers(args: argparse.Namespace, config: AppConfig) -> int | None:
 
 def _plan(args: argparse.Namespace, config: AppConfig, **where) -> Topology:
     nodes = config.dataset.num_partitions
-    return plan(nodes, _hosts(args), nodes_per_round=config.strategy.nodes_per_round(nodes), trainers=_trainers(args, config), **where)
+    return plan(
+        nodes,
+        _hosts(args),
+        nodes_per_round=config.strategy.nodes_per_round(nodes),
+        trainers=_trainers(args, config),
+        **where,
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -171,7 +176,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         return cmd_up_process(args)
     if os.environ.get("HF_TOKEN") and not os.environ.get("HF_TOKEN_FILE"):
         # Containers take the token from a file (a compose secret), never from the environment.
-        print("warning: HF_TOKEN is set but not passed on; give the stack a file: HF_TOKEN_FILE=/path/to/token", file=sys.stderr)
+        print(
+            "warning: HF_TOKEN is set but not passed on; give the stack a file: HF_TOKEN_FILE=/path/to/token",
+            file=sys.stderr,
+        )
     deployment, topology = _docker(args)
     client = deployment.client
     if args.build or outdated_images(client, args.app):
@@ -221,7 +229,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     for run in args.runs:
         summary = write_summary(run)
         write_plots([run], run)
-        print(f"{run}: {summary['rounds-completed']} rounds, final loss {summary['final-loss']}, summary.md, loss.png, round_time.png")
+        print(
+            f"{run}: {summary['rounds-completed']} rounds, final loss {summary['final-loss']}, "
+            "summary.md, loss.png, round_time.png"
+        )
     if len(args.runs) > 1:
         for path in write_plots(args.runs, args.out):
             print(path)
@@ -235,7 +246,9 @@ def parser() -> argparse.ArgumentParser:
 
     def layout_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--gpus", help="GPU ids for the SuperNodes, e.g. 0,1,2,3 (default: all visible; none: CPU)")
-        p.add_argument("--host", action="append", help="NAME or NAME=GPU,GPU (repeat per machine; first runs the SuperLink)")
+        p.add_argument(
+            "--host", action="append", help="NAME or NAME=GPU,GPU (repeat per machine; first runs the SuperLink)"
+        )
         p.add_argument(
             "--trainers-per-gpu",
             type=int,
@@ -252,7 +265,9 @@ def parser() -> argparse.ArgumentParser:
     p_run.add_argument("--demo", action="store_true", help="use the tiny embedded model and data (CPU, offline)")
     p_run.add_argument("--run-config", help="overrides, e.g. 'num-server-rounds=2 strategy.use-flexlora=1'")
     p_run.add_argument(
-        "--resume", type=Path, metavar="RUN_DIR",
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
         help="continue this run folder from its last completed round (pass the same --run-config)",
     )
     p_run.add_argument("--port", type=int, help="SuperLink port (default: a free one)")
@@ -273,7 +288,8 @@ def parser() -> argparse.ArgumentParser:
             choices=GPU_REQUESTS,
             default="nvidia",
             help="how containers ask for their GPU: NVIDIA's container runtime (default) or a CDI device "
-            "nvidia.com/gpu=N (engines with CDI enabled; `deploy cdi-spec` writes the spec where the toolkit is absent)",
+            "nvidia.com/gpu=N (engines with CDI enabled; `deploy cdi-spec` writes the spec where the toolkit "
+            "is absent)",
         )
 
     p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
@@ -297,7 +313,9 @@ def parser() -> argparse.ArgumentParser:
     p_up = commands.add_parser("up", help="start this host's stack with Docker and wait until it is ready")
     stack_args(p_up)
     p_up.add_argument("--connection", default="remote-deployment", help="name registered in Flower's config")
-    p_up.add_argument("--backend", choices=("docker", "process"), default="docker", help="containers or local processes")
+    p_up.add_argument(
+        "--backend", choices=("docker", "process"), default="docker", help="containers or local processes"
+    )
     p_up.add_argument("--no-submit", action="store_true", help="start the stack only; submit runs yourself")
     p_up.add_argument("--build", action="store_true", help="rebuild the images even if they exist")
     p_up.add_argument("--base-image", default=GPU_BASE, help="base image (default: the Dockerfile's CUDA PyTorch)")
@@ -318,7 +336,9 @@ def parser() -> argparse.ArgumentParser:
 
     p_report = commands.add_parser("report", help="redraw runs' summaries and plots; several runs on one chart")
     p_report.add_argument("runs", nargs="+", type=Path, help="run folders (results/<date>-<time>-run<id>)")
-    p_report.add_argument("--out", type=Path, default=Path("report"), help="folder for the comparison charts (default: ./report)")
+    p_report.add_argument(
+        "--out", type=Path, default=Path("report"), help="folder for the comparison charts (default: ./report)"
+    )
     p_report.set_defaults(func=cmd_report)
 
     evaluation.add_command(commands)

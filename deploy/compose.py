@@ -87,7 +87,9 @@ def write(topology: Topology, folder: Path, options: RenderOptions = RenderOptio
 
 def _host_document(topology: Topology, host: str, options: RenderOptions) -> dict[str, Any]:
     first = host == topology.superlink_host
-    target = f"superlink:{topology.superlink_port}" if first else f"{topology.superlink_address}:{topology.superlink_port}"
+    target = (
+        f"superlink:{topology.superlink_port}" if first else f"{topology.superlink_address}:{topology.superlink_port}"
+    )
     services: dict[str, Any] = {}
     if first or options.tls_given:
         services["setup"] = _setup(topology, first, options)
@@ -119,9 +121,12 @@ def _tls_args(options: RenderOptions, client: bool) -> list[str]:
     if client:
         return ["--root-certificates", f"{CERTS}/ca.crt"]
     return [
-        "--ssl-ca-certfile", f"{CERTS}/ca.crt",
-        "--ssl-certfile", f"{CERTS}/superlink.crt",
-        "--ssl-keyfile", f"{CERTS}/superlink.key",
+        "--ssl-ca-certfile",
+        f"{CERTS}/ca.crt",
+        "--ssl-certfile",
+        f"{CERTS}/superlink.crt",
+        "--ssl-keyfile",
+        f"{CERTS}/superlink.key",
     ]
 
 
@@ -225,10 +230,16 @@ def _register_nodes(topology: Topology, target: str, options: RenderOptions) -> 
     return {
         **_hardened(APP_IMAGE, options),
         "command": [
-            "python", "-m", "deploy", "register-nodes",
-            "--superlink", target,
-            "--root-certificates", f"{CERTS}/ca.crt",
-            "--keys", "/keys",
+            "python",
+            "-m",
+            "deploy",
+            "register-nodes",
+            "--superlink",
+            target,
+            "--root-certificates",
+            f"{CERTS}/ca.crt",
+            "--keys",
+            "/keys",
         ],
         "volumes": [
             *_tls_files(options),
@@ -245,9 +256,16 @@ def _submit(topology: Topology, target: str, options: RenderOptions) -> dict[str
     return {
         **_hardened(APP_IMAGE, options),
         "command": [
-            "python", "-m", "deploy", "--app", "/app", "submit",
-            "--superlink", target,
-            "--nodes", str(len(topology.nodes)),
+            "python",
+            "-m",
+            "deploy",
+            "--app",
+            "/app",
+            "submit",
+            "--superlink",
+            target,
+            "--nodes",
+            str(len(topology.nodes)),
             *tls,
             *(["--run-config", options.run_config] if options.run_config else []),
         ],
@@ -264,17 +282,24 @@ def _superlink(topology: Topology, options: RenderOptions) -> dict[str, Any]:
         **_common(SUPERLINK_IMAGE, options),
         "command": [
             "flower-superlink",
-            "--isolation", "process",
-            "--host", "0.0.0.0",
-            "--port", port,
-            "--database", "/state/superlink.db",
+            "--isolation",
+            "process",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            port,
+            "--database",
+            "/state/superlink.db",
             "--disable-runtime-dependency-installation",
             *_tls_args(options, client=False),
             *([] if options.insecure else ["--enable-supernode-auth"]),
             *_superexec_auth(options),
         ],
         "ports": [f"{port}:{port}"],
-        "volumes": ["superlink-state:/state", *_tls_files(options, "ca.crt", "superlink.crt", "superlink.key", SUPEREXEC_SECRET)],
+        "volumes": [
+            "superlink-state:/state",
+            *_tls_files(options, "ca.crt", "superlink.crt", "superlink.key", SUPEREXEC_SECRET),
+        ],
         "depends_on": {"setup": {"condition": "service_completed_successfully"}},
         "healthcheck": {
             "test": ["CMD", "python", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 2)"],
@@ -291,7 +316,12 @@ def _model_fetch(options: RenderOptions) -> dict[str, Any]:
     return {
         **_hardened(APP_IMAGE, options),
         "command": [
-            "python", "-m", "deploy", "--app", "/app", "fetch-model",
+            "python",
+            "-m",
+            "deploy",
+            "--app",
+            "/app",
+            "fetch-model",
             *(["--model", options.model] if options.model else []),
             *(["--run-config", options.run_config] if options.run_config else []),
         ],
@@ -308,10 +338,19 @@ def _serverapp(target: str, options: RenderOptions) -> dict[str, Any]:
     return {
         **_common(APP_IMAGE, options),
         "command": [
-            *REAPED, "flower-superexec", "--runtime-api-address", target, *_tls_args(options, client=True), *_superexec_auth(options)
+            *REAPED,
+            "flower-superexec",
+            "--runtime-api-address",
+            target,
+            *_tls_args(options, client=True),
+            *_superexec_auth(options),
         ],
         **_hub_access(),
-        "volumes": [f"{options.results_dir}:/app/results", *_tls_files(options, "ca.crt", SUPEREXEC_SECRET), *_model_config(options)],
+        "volumes": [
+            f"{options.results_dir}:/app/results",
+            *_tls_files(options, "ca.crt", SUPEREXEC_SECRET),
+            *_model_config(options),
+        ],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
     }
 
@@ -323,7 +362,7 @@ def _model_config(options: RenderOptions) -> list[str]:
         source, target = (part.rstrip("/") for part in spec.split(":")[:2])
         in_folder = source.startswith((".", "/", "~"))  # a named volume has no file to bind alone
         if in_folder and (model == target or model.startswith(f"{target}/")):
-            return [f"{source}{model[len(target):]}/config.json:{model}/config.json:ro"]
+            return [f"{source}{model[len(target) :]}/config.json:{model}/config.json:ro"]
     return []
 
 
@@ -343,10 +382,18 @@ def _trainer(group: TrainerGroup, options: RenderOptions) -> dict[str, Any]:
     return {
         **_common(APP_IMAGE, options),
         "command": [
-            "python", "-m", "deploy", "--app", "/app", "trainer",
-            "--dir", TRAINERS,
-            "--home", group.home,
-            "--count", str(group.count),
+            "python",
+            "-m",
+            "deploy",
+            "--app",
+            "/app",
+            "trainer",
+            "--dir",
+            TRAINERS,
+            "--home",
+            group.home,
+            "--count",
+            str(group.count),
             *(["--run-config", options.run_config] if options.run_config else []),
         ],
         **_hub_access(),
@@ -370,8 +417,10 @@ def _supernode(
         "command": [
             *REAPED,
             "flower-supernode",
-            "--superlink", target,
-            "--node-config", f"{node.node_config} {training}",
+            "--superlink",
+            target,
+            "--node-config",
+            f"{node.node_config} {training}",
             *_tls_args(options, client=True),
             *([] if options.insecure else ["--auth-supernode-private-key", "/keys/node.key"]),
         ],

@@ -45,24 +45,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("Not recorded: no run folder (run.json) holds this adapter.")
         return 0
     # The newest adapter's full scores are the run's; the base's, an earlier round's or a --limit run's are named so.
-    prefix = "base-" if adapter is None else ("" if adapter == evaluation.resolve_target(run)[1] else f"{adapter.name}-")
+    prefix = (
+        "base-" if adapter is None else ("" if adapter == evaluation.resolve_target(run)[1] else f"{adapter.name}-")
+    )
     prefix += f"limit{args.limit}-" if args.limit else ""
     print(f"Recorded {', '.join(evaluation.store(run, prefix, result))} in {run}/summary.json and summary.md")
     return 0
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("eval", help="FlowerTune General NLP score: MMLU accuracy per category, into the run's summary")
-    p.add_argument("run", metavar="RUN_OR_ADAPTER", type=Path, nargs="?",
-                   help="a run folder (its newest round-N adapter) or an adapter folder")
+    p = commands.add_parser(
+        "eval", help="FlowerTune General NLP score: MMLU accuracy per category, into the run's summary"
+    )
+    p.add_argument(
+        "run",
+        metavar="RUN_OR_ADAPTER",
+        type=Path,
+        nargs="?",
+        help="a run folder (its newest round-N adapter) or an adapter folder",
+    )
     p.add_argument("--base-only", action="store_true", help="the base model alone, for the reference score")
     p.add_argument("--model", help="base model (default: run.json's model.name or the adapter's base)")
-    p.add_argument("--data", help="local MMLU files: .json/.jsonl/.parquet, or a folder of them "
-                   f"(default: {evaluation.HUB_DATA})")
-    p.add_argument("--categories", default=",".join(evaluation.DEFAULT_CATEGORIES),
-                   help=f"some of {', '.join(evaluation.MMLU_CATEGORY)}")
+    p.add_argument(
+        "--data", help=f"local MMLU files: .json/.jsonl/.parquet, or a folder of them (default: {evaluation.HUB_DATA})"
+    )
+    p.add_argument(
+        "--categories",
+        default=",".join(evaluation.DEFAULT_CATEGORIES),
+        help=f"some of {', '.join(evaluation.MMLU_CATEGORY)}",
+    )
     p.add_argument("--limit", type=int, help="questions per category, for a quick run (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default 16)")
     p.add_argument("--max-new-tokens", type=int, help="(default: the gold letter's tokens, as the reference)")
-    p.add_argument("--quantization", type=int, choices=(4, 8, 0), default=4, help="bits; 4: the leaderboard's (default)")
+    p.add_argument(
+        "--quantization", type=int, choices=(4, 8, 0), default=4, help="bits; 4: the leaderboard's (default)"
+    )
     p.set_defaults(func=cmd_eval)

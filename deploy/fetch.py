@@ -7,8 +7,8 @@ backend both call `fetch`; a local model folder or local data files need nothing
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from app.config import AppConfig, ConfigError
 

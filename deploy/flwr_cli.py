@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import tomli_w
+import tomllib
 from flwr.common.config import unflatten_dict
 
 from deploy.errors import DeployError

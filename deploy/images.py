@@ -11,9 +11,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import docker
 from docker.errors import ImageNotFound
 
+import docker
 from deploy.backends.docker import engine
 from deploy.compose import APP_IMAGE, SUPERLINK_IMAGE
 
@@ -67,4 +67,3 @@ def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | No
         )
         built[tag] = image.id
     return built
-

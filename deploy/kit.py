@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from docker.errors import ImageNotFound
 from docker.utils.build import exclude_paths
@@ -67,7 +68,10 @@ def write_kits(
     certs, keys = material_dir / options.certs_dir, material_dir / options.keys_dir
     make_tls_material(certs, keys, certificate_names(topology), [node.name for node in topology.nodes])
     given = dataclasses.replace(
-        options, certs_dir=f"./{CERTS}", keys_dir=f"./{KEYS}", tls_given=True,
+        options,
+        certs_dir=f"./{CERTS}",
+        keys_dir=f"./{KEYS}",
+        tls_given=True,
         build_context=f"./{BUILD}" if images == "build" else None,
     )
     kits = []

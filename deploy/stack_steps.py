@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from app.trainer_protocol import TrainerSpec
 from app.trainer_service import supervise
 from deploy.backends.docker import prepare_host_folder
@@ -129,14 +128,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     p_submit.set_defaults(func=cmd_submit)
 
     p_trainer = commands.add_parser("trainer", help="run one GPU's warm trainers (the backends start it)")
-    p_trainer.add_argument("--dir", type=Path, required=True, help="the host's trainer folder: sockets, locks, auth key")
+    p_trainer.add_argument(
+        "--dir", type=Path, required=True, help="the host's trainer folder: sockets, locks, auth key"
+    )
     p_trainer.add_argument("--home", required=True, help="gpu<g> or cpu: the name nodes' trainer-home gives")
     p_trainer.add_argument("--count", type=int, default=1, help="trainers on this GPU")
     p_trainer.add_argument("--run-config", help="the overrides runs will send, 'key=value ...' or a .toml file")
     p_trainer.add_argument("--cache-partitions", type=int, default=20, help="tokenized partitions each trainer keeps")
     p_trainer.set_defaults(func=cmd_trainer)
 
-    p_fetch = commands.add_parser("fetch-model", help="fill the Hugging Face cache with the model and dataset (compose runs it)")
+    p_fetch = commands.add_parser(
+        "fetch-model", help="fill the Hugging Face cache with the model and dataset (compose runs it)"
+    )
     p_fetch.add_argument("--run-config", help="the overrides runs will send, 'key=value ...' (data files, model)")
     p_fetch.add_argument("--model", help="hub id or local folder (default: model.name in pyproject.toml)")
     p_fetch.set_defaults(func=cmd_fetch_model)

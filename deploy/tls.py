@@ -13,9 +13,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +38,7 @@ class TlsFiles:
     key: Path
 
     @classmethod
-    def in_folder(cls, folder: Path) -> "TlsFiles":
+    def in_folder(cls, folder: Path) -> TlsFiles:
         return cls(folder / "ca.crt", folder / "ca.key", folder / "superlink.crt", folder / "superlink.key")
 
     def exist(self) -> bool:
@@ -104,7 +104,9 @@ def _load_ca(files: TlsFiles, missing: list[x509.GeneralName]) -> tuple[x509.Cer
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
     if ca_key.public_key() != ca.public_key():
-        raise DeployError(f"{files.ca_key}: not the key of {files.ca_cert}; restore the matching pair or remove the folder")
+        raise DeployError(
+            f"{files.ca_key}: not the key of {files.ca_cert}; restore the matching pair or remove the folder"
+        )
     return ca, ca_key
 
 
@@ -137,8 +139,17 @@ def _issue_superlink_certificate(
 def _key_usage(**allowed: bool) -> x509.KeyUsage:
     """The strict X.509 profile (Python 3.13's default TLS context, cryptography's verifier)
     wants key usages and key identifiers that lenient checks let a certificate go without."""
-    usages = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
-              "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    usages = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
     return x509.KeyUsage(**{usage: allowed.get(usage, False) for usage in usages})
 
 
@@ -170,7 +181,8 @@ def make_node_keys(folder: Path, names: Iterable[str]) -> dict[str, Path]:
             key = ec.generate_private_key(ec.SECP384R1())
             write_durably(private, _private_pem(key, serialization.PrivateFormat.OpenSSH), mode=0o600)
             write_durably(
-                public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+                public,
+                key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
             )
         keys[name] = public
     return keys

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from app.trainer_protocol import trainer_home
 
@@ -24,7 +24,9 @@ class LayoutError(ValueError):
 
 
 # A DNS name or an IPv4 address: it becomes a compose file name, a certificate name and an address.
-HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Host:
     gpus: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "Host":
+    def parse(cls, text: str) -> Host:
         """`NAME` or `NAME=0,1,3` (GPU ids), as typed on the command line."""
         name, _, gpus = text.partition("=")
         if not HOSTNAME.fullmatch(name.strip()):

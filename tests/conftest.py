@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from flwr.common.config import flatten_dict
 
 from deploy.demo import DemoAssets, build_demo
@@ -82,6 +82,8 @@ def run_config(demo: DemoAssets, tmp_path: Path) -> dict:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--soak-rounds", type=int, default=10,
+        "--soak-rounds",
+        type=int,
+        default=10,
         help="rounds of the soak test (CI's short form: 10; the full soak: 20)",
     )

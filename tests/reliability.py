@@ -180,24 +180,26 @@ def _duration(seconds: float) -> str:
 def page(record: dict) -> str:
     """docs/reliability.md for a full run's record."""
     records = [Record(**r) for r in record["records"]]
-    return "\n".join([
-        "# Reliability",
-        "",
-        "Every fault, bad input and intrusion the tests try, with the outcome each test observed. The",
-        "tests record what they tried and saw through the `reliability` fixture (`tests/reliability.py`),",
-        "a record counts only if its test passed, and every run leaves its records in",
-        f"`{RECORD}` (not tracked). `{WRITE_COMMAND}` writes this page from the record of a",
-        "full run (the whole suite, every recording test passed); CI's `python -m tests.reliability check`",
-        "fails when this page and the run it just made differ in a check or an outcome",
-        "([development](development.md#the-reliability-page)).",
-        "",
-        "<!-- written by `python -m tests.reliability write`: edit the tests, not this page -->",
-        *table(records),
-        "",
-        f"Written by `{WRITE_COMMAND}` from the record of `{record['command']}` on {record['date']}: "
-        f"{record['recording_tests']} tests that record, all passed; the run took {_duration(record['seconds'])}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Reliability",
+            "",
+            "Every fault, bad input and intrusion the tests try, with the outcome each test observed. The",
+            "tests record what they tried and saw through the `reliability` fixture (`tests/reliability.py`),",
+            "a record counts only if its test passed, and every run leaves its records in",
+            f"`{RECORD}` (not tracked). `{WRITE_COMMAND}` writes this page from the record of a",
+            "full run (the whole suite, every recording test passed); CI's `python -m tests.reliability check`",
+            "fails when this page and the run it just made differ in a check or an outcome",
+            "([development](development.md#the-reliability-page)).",
+            "",
+            "<!-- written by `python -m tests.reliability write`: edit the tests, not this page -->",
+            *table(records),
+            "",
+            f"Written by `{WRITE_COMMAND}` from the record of `{record['command']}` on {record['date']}: "
+            f"{record['recording_tests']} tests that record, all passed; the run took {_duration(record['seconds'])}.",
+            "",
+        ]
+    )
 
 
 _TIMING = re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s|min|seconds)\b")
@@ -246,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{args.page} does not list the checks and outcomes of the run just made ({len(differences)} rows differ); "
             f"run `{WRITE_COMMAND}` and commit the page if the change is meant:",
-            *(f"  {d}" for d in differences), sep="\n", file=sys.stderr,
+            *(f"  {d}" for d in differences),
+            sep="\n",
+            file=sys.stderr,
         )
         return 1
     print(f"{args.page} lists the {len(record['records'])} checks and outcomes of the run just made")

@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from app.aggregation import flexlora, fedavg
+from app.aggregation import fedavg, flexlora
 
 pytestmark = pytest.mark.unit
 
@@ -60,9 +60,7 @@ def dense_delta(states, weights, akey=None, bkey=None) -> torch.Tensor:
     """sum_k p_k B_k A_k formed densely in float64: the reference, never the method."""
     akey, bkey = akey or a_key(), bkey or b_key()
     total = math.fsum(weights)
-    return sum(
-        (w / total) * (s[bkey].double() @ s[akey].double()) for s, w in zip(states, weights)
-    )
+    return sum((w / total) * (s[bkey].double() @ s[akey].double()) for s, w in zip(states, weights))
 
 
 def dense_truncation(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +142,7 @@ def test_fedavg_rejects_wrong_weight_count_and_empty():
 # --------------------------------------------------------------------------- FlexLoRA
 
 SHAPES = [(64, 48), (48, 64), (96, 96)]
-CASES = [(k, "random") for k in (1, 2, 20)] + [
-    (k, case) for k in (2, 20) for case in ("shared_A", "zero_B")
-]
+CASES = [(k, "random") for k in (1, 2, 20)] + [(k, case) for k in (2, 20) for case in ("shared_A", "zero_B")]
 
 
 @pytest.mark.parametrize("out_dim,in_dim", SHAPES)
@@ -294,12 +290,8 @@ def test_flexlora_output_shapes_and_dtypes(dtype):
     states = make_states(3, 48, 32, 8, seed=7, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     for s in states:
-        s["base_model.model.lm_head.modules_to_save.default.weight"] = torch.randn(
-            5, 32, generator=gen
-        ).to(dtype)
-        s[PREFIX.format(layer=0, proj="q_proj") + ".base_layer.bias"] = torch.randn(
-            48, generator=gen
-        ).to(dtype)
+        s["base_model.model.lm_head.modules_to_save.default.weight"] = torch.randn(5, 32, generator=gen).to(dtype)
+        s[PREFIX.format(layer=0, proj="q_proj") + ".base_layer.bias"] = torch.randn(48, generator=gen).to(dtype)
     weights = [3, 1, 2]
     out = flexlora(states, weights, rank=8)
     assert list(out) == list(states[0])
@@ -308,9 +300,7 @@ def test_flexlora_output_shapes_and_dtypes(dtype):
         assert tensor.dtype == dtype, key
         assert tensor.shape == states[0][key].shape, key
     # Non-LoRA keys are plain FedAvg.
-    averaged = fedavg(
-        [{k: v for k, v in s.items() if "lora_" not in k} for s in states], weights
-    )
+    averaged = fedavg([{k: v for k, v in s.items() if "lora_" not in k} for s in states], weights)
     for key, tensor in averaged.items():
         assert torch.equal(out[key], tensor), key
     if dtype == torch.bfloat16:

@@ -18,8 +18,14 @@ def host(tmp_path):
     dev.mkdir(), lib.mkdir()
     for name in ("nvidia0", "nvidia1", "nvidia10", "nvidiactl", "nvidia-uvm", "nvidia-caps", "null"):
         (dev / name).touch()
-    for name in ("libcuda.so.580.159.04", "libnvidia-ml.so.580.159.04", "libnvidia-ptxjitcompiler.so.580.159.04",
-                 "libcudart.so.13", "libnvrtc.so.13", "libcuda.txt"):
+    for name in (
+        "libcuda.so.580.159.04",
+        "libnvidia-ml.so.580.159.04",
+        "libnvidia-ptxjitcompiler.so.580.159.04",
+        "libcudart.so.13",
+        "libnvrtc.so.13",
+        "libcuda.txt",
+    ):
         (lib / name).write_bytes(b"\x7fELF")
     os.symlink("libcuda.so.580.159.04", lib / "libcuda.so.1")
     os.symlink("libnvidia-ml.so.580.159.04", lib / "libnvidia-ml.so.1")
@@ -38,10 +44,20 @@ def test_each_gpu_is_a_device_named_by_its_index_and_every_container_gets_the_dr
     assert [n["path"] for n in common["deviceNodes"]] == ["/dev/nvidiactl", "/dev/nvidia-uvm"]
     mounts = {m["containerPath"]: m for m in common["mounts"]}
     # The driver's libraries (both names of each), not the CUDA runtime, which the image brings.
-    assert sorted(mounts) == [f"/usr/local/nvidia/lib64/{n}" for n in (
-        "libcuda.so.1", "libcuda.so.580.159.04", "libnvidia-ml.so.1", "libnvidia-ml.so.580.159.04",
-        "libnvidia-ptxjitcompiler.so.580.159.04")]
-    assert all(m["options"][0] == "ro" and m["hostPath"] == str(lib / m["containerPath"].rsplit("/", 1)[1]) for m in mounts.values())
+    assert sorted(mounts) == [
+        f"/usr/local/nvidia/lib64/{n}"
+        for n in (
+            "libcuda.so.1",
+            "libcuda.so.580.159.04",
+            "libnvidia-ml.so.1",
+            "libnvidia-ml.so.580.159.04",
+            "libnvidia-ptxjitcompiler.so.580.159.04",
+        )
+    ]
+    assert all(
+        m["options"][0] == "ro" and m["hostPath"] == str(lib / m["containerPath"].rsplit("/", 1)[1])
+        for m in mounts.values()
+    )
 
 
 def test_the_command_writes_the_spec_and_names_what_it_found(host, tmp_path, capsys):
@@ -57,6 +73,10 @@ def test_a_host_without_gpus_or_driver_is_refused_in_one_line(host, tmp_path, ca
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["cdi-spec", "--dev", str(empty), "--library-dir", str(lib)]) == 2
-    assert capsys.readouterr().err == f"error: no GPU device nodes ({empty}/nvidia0, ...): is the NVIDIA driver loaded?\n"
+    assert (
+        capsys.readouterr().err == f"error: no GPU device nodes ({empty}/nvidia0, ...): is the NVIDIA driver loaded?\n"
+    )
     assert main(["cdi-spec", "--dev", str(dev), "--library-dir", str(empty)]) == 2
-    assert capsys.readouterr().err == f"error: no libcuda.so in the driver library folders ({empty}): pass --library-dir\n"
+    assert (
+        capsys.readouterr().err == f"error: no libcuda.so in the driver library folders ({empty}): pass --library-dir\n"
+    )

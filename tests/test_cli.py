@@ -13,7 +13,9 @@ pytestmark = pytest.mark.unit
 
 
 def deploy(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy", "--app", str(ROOT), *args], capture_output=True, text=True, env=env
+    )
 
 
 @pytest.mark.parametrize("command", [["up", "--no-submit"], ["status"], ["logs", "superlink"], ["down"]])
@@ -42,15 +44,24 @@ def test_plan_prints_node_partition_host_gpu_trainer():
     "args, message",
     [
         (["--run-config", "model.lora.peft-lora-r=-1"], "error: model.lora.peft-lora-r = -1: must be an integer > 0"),
-        (["--run-config", "model.lora.r=8"], "error: model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r"),
+        (
+            ["--run-config", "model.lora.r=8"],
+            "error: model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r",
+        ),
         (["--run-config", "model.quantization=3"], "error: model.quantization = 3: must be one of 0, 4, 8"),
         (["--run-config", "no.such-key=1"], "error: no.such-key: not a setting of this app; see"),
         (["--gpus", "0,zero"], "error: --gpus '0,zero': expected GPU ids such as 0,1,2,3"),
         (["--gpus", ","], "error: --gpus ',': expected GPU ids such as 0,1,2,3 (or '' for the CPU)"),
         (["--resume", "/no/such/run"], "error: results.resume-from = '/no/such/run': no resume.json there"),
         (["--run-config", "model.lora.peft-lora-alpha=sixteen"], "error: --run-config 'model.name="),
-        (["--run-config", "static.strategy.fraction-train=0.15"], "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 (leaderboard=false allows it"),
-        (["--run-config", "model.quantization=4"], "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0"),
+        (
+            ["--run-config", "static.strategy.fraction-train=0.15"],
+            "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 (leaderboard=false allows it",
+        ),
+        (
+            ["--run-config", "model.quantization=4"],
+            "error: model.quantization = 4: needs CUDA GPUs, and this layout has none; use model.quantization=0",
+        ),
     ],
 )
 def test_bad_input_stops_before_anything_starts(demo, args, message, reliability):
@@ -67,14 +78,31 @@ def test_bad_input_stops_before_anything_starts(demo, args, message, reliability
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ('model.name="no-org/no-such-model"', "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) and not fetched from the hub: "),
-        ('dataset.data-files="/no/such.json"', "error: dataset.data-files = '/no/such.json': no such file on this host"),
-        ('dataset.data-files="{bad}/not-json.json"', "error: dataset.data-files = '{bad}/not-json.json': cannot be read as JSON rows ("),
-        ('dataset.data-files="{bad}/no-output.json"', "error: dataset.data-files = '{bad}/no-output.json': rows have no 'output'; each row needs 'instruction' and 'output'"),
-        ('dataset.data-files="{bad}/three-rows.json"', "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: some partitions would be empty"),
+        (
+            'model.name="no-org/no-such-model"',
+            "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) and not fetched from the hub: ",
+        ),
+        (
+            'dataset.data-files="/no/such.json"',
+            "error: dataset.data-files = '/no/such.json': no such file on this host",
+        ),
+        (
+            'dataset.data-files="{bad}/not-json.json"',
+            "error: dataset.data-files = '{bad}/not-json.json': cannot be read as JSON rows (",
+        ),
+        (
+            'dataset.data-files="{bad}/no-output.json"',
+            "error: dataset.data-files = '{bad}/no-output.json': rows have no 'output'; each row needs 'instruction' and 'output'",
+        ),
+        (
+            'dataset.data-files="{bad}/three-rows.json"',
+            "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: some partitions would be empty",
+        ),
     ],
 )
-def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, tmp_path, overrides, message, reliability):
+def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(
+    demo, tmp_path, overrides, message, reliability
+):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "not-json.json").write_text("instruction: Add. output: 5")
@@ -86,7 +114,9 @@ def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(demo, t
     if "model.name" not in overrides:
         overrides += f' model.name="{demo.model_dir}"'
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = deploy("run", "--gpus", "", "--workdir", str(tmp_path), "--run-config", f"model.quantization=0 {overrides}", env=env)
+    done = deploy(
+        "run", "--gpus", "", "--workdir", str(tmp_path), "--run-config", f"model.quantization=0 {overrides}", env=env
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert "SuperNodes are up" not in done.stdout and not (tmp_path / "logs" / "superlink.log").exists()

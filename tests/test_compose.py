@@ -119,13 +119,17 @@ def test_each_gpu_service_asks_for_its_one_gpu_the_chosen_way(request_kind):
             assert device == {"driver": "cdi", "device_ids": [f"nvidia.com/gpu={gpu}"], "capabilities": ["gpu"]}, name
         else:
             assert device == {"driver": "nvidia", "device_ids": [str(gpu)], "capabilities": ["gpu"]}, name
-    assert not any(devices_of(document["services"][n]) for n in ("superlink", "serverapp", "submit", "model-fetch", "setup"))
+    assert not any(
+        devices_of(document["services"][n]) for n in ("superlink", "serverapp", "submit", "model-fetch", "setup")
+    )
 
 
 def test_gpu_request_reaches_the_rendered_file_from_the_command_line(tmp_path):
     assert main(["--app", str(ROOT), "render", "--gpus", "0,1", "--gpu-request", "cdi", "--out", str(tmp_path)]) == 0
     document = yaml.safe_load((tmp_path / "compose.yaml").read_text())
-    assert devices_of(document["services"]["supernode-1"]) == [{"driver": "cdi", "device_ids": ["nvidia.com/gpu=1"], "capabilities": ["gpu"]}]
+    assert devices_of(document["services"]["supernode-1"]) == [
+        {"driver": "cdi", "device_ids": ["nvidia.com/gpu=1"], "capabilities": ["gpu"]}
+    ]
 
 
 def test_the_docker_sdk_backend_translates_every_key_we_render():
@@ -150,7 +154,10 @@ def test_every_service_runs_without_privileges_on_a_read_only_root():
     for document in every_layout():
         for name, service in document["services"].items():
             assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"], name
-            assert service["read_only"] is True and service["tmpfs"] == ["/tmp:exec", "/home/flwr:exec,uid=1000,gid=1000"], name
+            assert service["read_only"] is True and service["tmpfs"] == [
+                "/tmp:exec",
+                "/home/flwr:exec,uid=1000,gid=1000",
+            ], name
             if name == "setup":  # it hands the host's folders to uid 1000: root, with only what that takes
                 assert service["user"] == "0:0" and service["cap_add"] == ["CHOWN", "DAC_OVERRIDE"]
             else:
@@ -179,7 +186,9 @@ def test_the_serverapp_mounts_no_data_and_no_weights(volume, config):
     (document,) = render(plan(NODES, [Host("h")]), options).values()
     tls = ["./.deploy/certs/ca.crt:/certs/ca.crt:ro", "./.deploy/certs/superexec.secret:/certs/superexec.secret:ro"]
     assert document["services"]["serverapp"]["volumes"] == [
-        "./results:/app/results", *tls, f"{config}:/demo/tiny/config.json:ro"
+        "./results:/app/results",
+        *tls,
+        f"{config}:/demo/tiny/config.json:ro",
     ]
     (hub,) = render(plan(NODES, [Host("h")])).values()  # a hub model: it fetches config.json itself
     assert hub["services"]["serverapp"]["volumes"] == ["./results:/app/results", *tls]
@@ -216,20 +225,37 @@ def assert_refused(reliability, what: str, pattern: str, call, *args, **kwargs) 
 
 
 def test_layout_errors_are_one_line(reliability):
-    assert_refused(reliability, "--gpus '0,x'", r"^--gpus '0,x': expected GPU ids such as 0,1,2,3 \(or '' for the CPU\)$", parse_gpus, "0,x")
-    assert_refused(reliability, "--gpus ','", r"^--gpus ',': expected GPU ids", parse_gpus, ",")  # once silently the CPU
+    assert_refused(
+        reliability,
+        "--gpus '0,x'",
+        r"^--gpus '0,x': expected GPU ids such as 0,1,2,3 \(or '' for the CPU\)$",
+        parse_gpus,
+        "0,x",
+    )
+    assert_refused(
+        reliability, "--gpus ','", r"^--gpus ',': expected GPU ids", parse_gpus, ","
+    )  # once silently the CPU
     assert parse_gpus("") == parse_gpus(" ") == ()
     assert_refused(reliability, "--host a --host a", "distinct", plan, NODES, [Host("a"), Host("a")])
     for bad in ("a;rm -rf ~", "b$(id)", "../../escaped=1", "two words", "-lead"):
         assert_refused(
-            reliability, f"--host {bad!r}", r"^--host .*: expected NAME or NAME=GPU,GPU,\.\.\., NAME a host name or IP", Host.parse, bad
+            reliability,
+            f"--host {bad!r}",
+            r"^--host .*: expected NAME or NAME=GPU,GPU,\.\.\., NAME a host name or IP",
+            Host.parse,
+            bad,
         )
     assert Host.parse("gpu-box-2.example.org=0,1") == Host("gpu-box-2.example.org", (0, 1))
     assert Host.parse("10.0.0.5").name == "10.0.0.5"
     for bad in ("not a host!!:::", "10.0.0.5:9999"):
         assert_refused(
-            reliability, f"--superlink-address {bad!r}", r"^--superlink-address .*: expected a host name or IP without a port",
-            plan, NODES, [Host("a")], superlink_address=bad,
+            reliability,
+            f"--superlink-address {bad!r}",
+            r"^--superlink-address .*: expected a host name or IP without a port",
+            plan,
+            NODES,
+            [Host("a")],
+            superlink_address=bad,
         )
 
 

@@ -1,6 +1,5 @@
-import tomllib
-
 import pytest
+import tomllib
 
 from app.config import AppConfig, ConfigError, NodeSettings
 from tests.conftest import ROOT
@@ -24,8 +23,16 @@ def test_pyproject_defaults_are_the_seed_job():
     assert config.strategy.nodes_per_round(config.dataset.num_partitions) == 2
     assert config.model.gradient_checkpointing is None and config.model.attention == "eager"  # None: auto
     # The FlowerTune template's choices, so that the defaults train what the seed trained.
-    assert (config.model.quantization_type, config.model.double_quantization, config.model.lora.dropout) == ("fp4", False, 0.075)
-    assert (config.train.dynamic_data_seed, config.train.learn_eos, config.dataset.append_input) == (False, False, False)
+    assert (config.model.quantization_type, config.model.double_quantization, config.model.lora.dropout) == (
+        "fp4",
+        False,
+        0.075,
+    )
+    assert (config.train.dynamic_data_seed, config.train.learn_eos, config.dataset.append_input) == (
+        False,
+        False,
+        False,
+    )
     assert config.strategy.flexlora_split == "reference"
 
 
@@ -36,12 +43,22 @@ def test_template_key_names_are_canonical():
 
     keys = set(flatten_dict(raw))
     template = {
-        "num-server-rounds", "model.name", "model.quantization", "model.gradient-checkpointing",
-        "model.lora.peft-lora-r", "model.lora.peft-lora-alpha", "train.save-every-round",
-        "train.learning-rate-max", "train.learning-rate-min", "train.seq-length",
-        "train.training-arguments.per-device-train-batch-size", "train.training-arguments.gradient-accumulation-steps",
-        "train.training-arguments.logging-steps", "train.training-arguments.max-steps",
-        "static.dataset.name", "static.strategy.fraction-train",
+        "num-server-rounds",
+        "model.name",
+        "model.quantization",
+        "model.gradient-checkpointing",
+        "model.lora.peft-lora-r",
+        "model.lora.peft-lora-alpha",
+        "train.save-every-round",
+        "train.learning-rate-max",
+        "train.learning-rate-min",
+        "train.seq-length",
+        "train.training-arguments.per-device-train-batch-size",
+        "train.training-arguments.gradient-accumulation-steps",
+        "train.training-arguments.logging-steps",
+        "train.training-arguments.max-steps",
+        "static.dataset.name",
+        "static.strategy.fraction-train",
     }
     assert template <= keys
 
@@ -50,11 +67,23 @@ def test_template_key_names_are_canonical():
     "key, message",
     [
         ("model.lora.r", "model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r"),
-        ("train.batch-size", "train.batch-size: not a setting of this app; renamed to train.training-arguments.per-device-train-batch-size"),
-        ("strategy.fraction-train", "strategy.fraction-train: not a setting of this app; renamed to static.strategy.fraction-train"),
+        (
+            "train.batch-size",
+            "train.batch-size: not a setting of this app; renamed to train.training-arguments.per-device-train-batch-size",
+        ),
+        (
+            "strategy.fraction-train",
+            "strategy.fraction-train: not a setting of this app; renamed to static.strategy.fraction-train",
+        ),
         ("train.seq-lenght", "train.seq-lenght: not a setting of this app; did you mean train.seq-length?"),
-        ("model.lora.peft-lora-rank", "model.lora.peft-lora-rank: not a setting of this app; did you mean model.lora.peft-lora-r?"),
-        ("train.training-arguments.num-train-epochs", "train.training-arguments.num-train-epochs: not a setting of this app; not a setting here: training stops after train.training-arguments.max-steps"),
+        (
+            "model.lora.peft-lora-rank",
+            "model.lora.peft-lora-rank: not a setting of this app; did you mean model.lora.peft-lora-r?",
+        ),
+        (
+            "train.training-arguments.num-train-epochs",
+            "train.training-arguments.num-train-epochs: not a setting of this app; not a setting here: training stops after train.training-arguments.max-steps",
+        ),
         ("zzz", "zzz: not a setting of this app; see [tool.flwr.app.config] in pyproject.toml"),
     ],
 )
@@ -94,13 +123,25 @@ def test_demo_config_is_valid(run_config):
         ("model.quantization", "4", "model.quantization = '4': must be one of 0, 4, 8"),
         ("strategy.use-flexlora", 2, "strategy.use-flexlora = 2: must be 0 (FedAvg) or 1 (FlexLoRA)"),
         ("model.gradient-checkpointing", 1, 'model.gradient-checkpointing = 1: must be true, false or "auto"'),
-        ("model.gradient-checkpointing", "on", 'model.gradient-checkpointing = \'on\': must be true, false or "auto"'),
+        ("model.gradient-checkpointing", "on", "model.gradient-checkpointing = 'on': must be true, false or \"auto\""),
         ("model.attention", "sdpa", "model.attention = 'sdpa': must be one of eager, flex_attention"),
         ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
         ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
-        ("static.strategy.fraction-train", 0.15, "static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1"),
-        ("static.dataset.num-partitions", 10, "static.dataset.num-partitions = 10: a static leaderboard setting, fixed at 20"),
-        ("static.dataset.name", "org/other", "static.dataset.name = 'org/other': a static leaderboard setting, fixed at 'vicgalle/alpaca-gpt4'"),
+        (
+            "static.strategy.fraction-train",
+            0.15,
+            "static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1",
+        ),
+        (
+            "static.dataset.num-partitions",
+            10,
+            "static.dataset.num-partitions = 10: a static leaderboard setting, fixed at 20",
+        ),
+        (
+            "static.dataset.name",
+            "org/other",
+            "static.dataset.name = 'org/other': a static leaderboard setting, fixed at 'vicgalle/alpaca-gpt4'",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(run_config, reliability, key, value, message):
@@ -125,7 +166,9 @@ def test_data_files_are_checked_where_rows_are_read_not_by_the_server(run_config
     config = AppConfig.from_run_config(run_config)
     with pytest.raises(ConfigError, match=r"^dataset.data-files = '/no/such.json': no such file on this host$") as err:
         config.dataset.check_files()
-    reliability.record("bad input", "run config dataset.data-files = '/no/such.json', on a node's host", f"refused: {err.value}")
+    reliability.record(
+        "bad input", "run config dataset.data-files = '/no/such.json', on a node's host", f"refused: {err.value}"
+    )
 
 
 def test_missing_key(run_config, reliability):
@@ -152,7 +195,9 @@ def test_bad_node_config(run_config, reliability, node_config, message):
 
 
 def test_good_node_config(run_config):
-    node = NodeSettings.from_node_config({"partition-id": 19, "num-partitions": 20}, AppConfig.from_run_config(run_config))
+    node = NodeSettings.from_node_config(
+        {"partition-id": 19, "num-partitions": 20}, AppConfig.from_run_config(run_config)
+    )
     assert (node.partition_id, node.num_partitions, node.trainer_dir) == (19, 20, None)
     served = NodeSettings.from_node_config(
         {"partition-id": 3, "num-partitions": 20, "trainer-dir": "/trainers", "trainer-home": "gpu1"},

@@ -31,7 +31,10 @@ def test_ids_are_the_whole_texts_and_labels_start_at_the_response(learn_eos):
     row = {"instruction": "Describe a river.", "input": "", "output": "river summer ☃ coffee market."}
     prompt, response = prompt_and_response(row, append_input=False)
     whole = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
-    apart = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
+    apart = (
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        + tokenizer(response, add_special_tokens=False)["input_ids"]
+    )
     assert apart != whole["input_ids"]  # the split the old tokenization made is real under these rules
     assert "<0xE2>" in tokenizer.convert_ids_to_tokens(whole["input_ids"])  # byte fallback in play
 

@@ -66,7 +66,10 @@ def _layout(deployment) -> str:
 @pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
 def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     run_dir, rounds = run(
-        deployment, demo, tmp_path, **{"num-server-rounds": 3, "strategy.use-flexlora": use_flexlora, "train.save-every-round": 2}
+        deployment,
+        demo,
+        tmp_path,
+        **{"num-server-rounds": 3, "strategy.use-flexlora": use_flexlora, "train.save-every-round": 2},
     )
     assert [r["round"] for r in rounds] == [1, 2, 3]
     partitions = []
@@ -79,7 +82,17 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
         assert r["aggregate"]["train-loss"] > 0
     assert len(set(partitions)) > 1, "every round trained the same partitions"
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "loss.png", "metrics.jsonl", "resume.json", "round-0", "round-2", "round-3", "round_time.png", "run.json", "state", "summary.json", "summary.md"
+        "loss.png",
+        "metrics.jsonl",
+        "resume.json",
+        "round-0",
+        "round-2",
+        "round-3",
+        "round_time.png",
+        "run.json",
+        "state",
+        "summary.json",
+        "summary.md",
     ]
     assert_adapter_trained(demo, run_dir, final_round=3)
     # The byte figures are the packed adapters that really crossed: the global one down, each update up.
@@ -123,7 +136,9 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     log = deployment.workdir / "logs" / "trainer-cpu.log"
     killer = _kill_when(log, re.escape(f"(pid {victim}): round 2, partition"), lambda _: victim)
     # Long enough a training (a few seconds) that the kill lands inside it.
-    run_dir, rounds = run(deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.training-arguments.max-steps": 40})
+    run_dir, rounds = run(
+        deployment, demo, tmp_path, **{"num-server-rounds": 3, "train.training-arguments.max-steps": 40}
+    )
     assert killer() is not None
     assert [len(r["clients"]) + len(r["failed"]) for r in rounds] == [2, 2, 2]
     assert len(rounds[1]["failed"]) == 1 and "ended during the request" in rounds[1]["failed"][0]["reason"]
@@ -132,7 +147,8 @@ def test_a_trainer_killed_mid_run_is_restarted_and_the_run_completes(deployment,
     assert {c["trainer-pid"] for c in rounds[2]["clients"]} == {restarted}
     assert_adapter_trained(demo, run_dir, final_round=3)
     reliability.record(
-        "fault", "the warm trainer SIGKILLed while it trains round 2 of 3",
+        "fault",
+        "the warm trainer SIGKILLed while it trains round 2 of 3",
         f"round 2 aggregated {len(rounds[1]['clients'])} update and recorded {len(rounds[1]['failed'])} failed "
         f"({rounds[1]['failed'][0]['reason']}); "
         f"round 3 trained on the restarted trainer; rounds in metrics.jsonl: {[r['round'] for r in rounds]}",
@@ -173,8 +189,11 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     the node, which rejoins under a new id and trains its partition in round 3."""
     nodes = 4
     overrides = {
-        **demo.run_config(), "leaderboard": False, "static.dataset.num-partitions": nodes,
-        "static.strategy.fraction-train": 1.0, "strategy.round-timeout": 45,
+        **demo.run_config(),
+        "leaderboard": False,
+        "static.dataset.num-partitions": nodes,
+        "static.strategy.fraction-train": 1.0,
+        "strategy.round-timeout": 45,
         "train.training-arguments.max-steps": 40,  # a training of a few seconds, for the kill to land in
     }
     sent, _ = resolve_run_config(ROOT, overrides)
@@ -182,9 +201,13 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with ProcessDeployment(topology, tmp_path / "deployment", env, app_dir=ROOT, run_config=sent) as deployment:
         log = deployment.workdir / "logs" / "trainer-cpu.log"
-        killer = _kill_when(log, r"round 2, partition (\d+): training", lambda m: deployment.pid_of(f"supernode-{m[1]}"))
+        killer = _kill_when(
+            log, r"round 2, partition (\d+): training", lambda m: deployment.pid_of(f"supernode-{m[1]}")
+        )
         (tmp_path / "results").mkdir()
-        run_dir, rounds = run(deployment, demo, tmp_path / "results", timeout=300, **{**overrides, "num-server-rounds": 3})
+        run_dir, rounds = run(
+            deployment, demo, tmp_path / "results", timeout=300, **{**overrides, "num-server-rounds": 3}
+        )
         match = killer()
         assert match is not None
         victim = int(match[1])
@@ -202,7 +225,8 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
     assert all(f["node-id"] == failure["node-id"] and "Node Unavailable" in f["reason"] for f in rounds[2]["failed"])
     assert_adapter_trained(demo, run_dir, final_round=3)
     reliability.record(
-        "fault", f"a SuperNode SIGKILLed while it trains round 2 of 3 ({nodes} nodes, all sampled)",
+        "fault",
+        f"a SuperNode SIGKILLed while it trains round 2 of 3 ({nodes} nodes, all sampled)",
         f"round 2 aggregated {len(by_partition[1])} partitions and recorded the killed node's as failed "
         f"({failure['reason']}); the node restarted {sum(restarts.values())} time; round 3 trained {len(by_partition[2])} partitions",
         rounds_lost=_rounds_lost(3, rounds),
@@ -233,7 +257,8 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
     assert_adapter_trained(demo, run_dir, final_round=3)
     kept = [a["round"] for a, b in zip(before, rounds) if a == b]
     reliability.record(
-        "fault", "the ServerApp SIGKILLed after round 2 of 3, then the run resumed with results.resume-from",
+        "fault",
+        "the ServerApp SIGKILLed after round 2 of 3, then the run resumed with results.resume-from",
         f"resumed in the same folder; rounds {kept} kept unchanged in metrics.jsonl, "
         f"round {rounds[-1]['round']} trained; resume.json at round {json.loads((run_dir / 'resume.json').read_text())['round']}",
         rounds_lost=_rounds_lost(3, rounds) + len(before) - len(kept),
@@ -291,7 +316,8 @@ def test_a_killed_superlink_loses_no_completed_round(demo, tmp_path, reliability
     assert len(rounds[2]["clients"]) == 2
     assert_adapter_trained(demo, run_dir, final_round=3)
     reliability.record(
-        "fault", "the SuperLink SIGKILLed after round 2 of 3; a new deployment resumed the run with results.resume-from",
+        "fault",
+        "the SuperLink SIGKILLed after round 2 of 3; a new deployment resumed the run with results.resume-from",
         f"rounds {[r['round'] for r in before]} kept unchanged in metrics.jsonl, round {rounds[-1]['round']} trained "
         f"by {len(rounds[-1]['clients'])} nodes of the new SuperLink",
         rounds_lost=_rounds_lost(3, rounds),
@@ -305,29 +331,53 @@ def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume
     minute on a run status nobody can give and saying "unknown"."""
     results = tmp_path / "results"
     overrides = {
-        **demo.run_config(), "leaderboard": False, "static.dataset.num-partitions": 2,
-        "static.strategy.fraction-train": 1.0, "num-server-rounds": 6, "results.dir": str(results),
+        **demo.run_config(),
+        "leaderboard": False,
+        "static.dataset.num-partitions": 2,
+        "static.strategy.fraction-train": 1.0,
+        "num-server-rounds": 6,
+        "results.dir": str(results),
     }
-    run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items())
+    run_config = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items()
+    )
     workdir = tmp_path / "deploy"
-    command = [sys.executable, "-m", "deploy", "--app", str(ROOT), "run", "--gpus", "", "--workdir", str(workdir), "--run-config", run_config]
+    command = [
+        sys.executable,
+        "-m",
+        "deploy",
+        "--app",
+        str(ROOT),
+        "run",
+        "--gpus",
+        "",
+        "--workdir",
+        str(workdir),
+        "--run-config",
+        run_config,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as deploy_run:
         run_dir = _wait_for_saved_round(results, 1, timeout=300)
         server = _serverapp()
-        (superlink,) = [p for p in psutil.process_iter(["cmdline"]) if str(workdir / "superlink.db") in (p.info["cmdline"] or ())]
+        (superlink,) = [
+            p for p in psutil.process_iter(["cmdline"]) if str(workdir / "superlink.db") in (p.info["cmdline"] or ())
+        ]
         superlink.kill()
         _, stderr = deploy_run.communicate(timeout=120)
     with contextlib.suppress(psutil.NoSuchProcess):
         server.kill()  # Flower's orphaned ServerApp, which docs/architecture.md says to stop by hand
     assert deploy_run.returncode == 2 and stderr.count("\n") == 1, stderr
     assert stderr.startswith("error: superlink exited with code -9: ")
-    assert stderr.rstrip().endswith(f"saved in the run's folder under {results}: continue with `deploy run --resume FOLDER`")
+    assert stderr.rstrip().endswith(
+        f"saved in the run's folder under {results}: continue with `deploy run --resume FOLDER`"
+    )
     assert [p for p in psutil.process_iter(["cmdline"]) if str(workdir) in " ".join(p.info["cmdline"] or ())] == []
     kept = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert kept[0] == 1 and json.loads((run_dir / "resume.json").read_text())["round"] == kept[-1]
     reliability.record(
-        "fault", "deploy run with its SuperLink SIGKILLed after round 1 of 6",
+        "fault",
+        "deploy run with its SuperLink SIGKILLed after round 1 of 6",
         f"deploy run stopped every process it started and exited 2 with one line: "
         f"error: superlink exited with code -9: … continue with `deploy run --resume FOLDER`; rounds {kept} kept",
     )
@@ -349,10 +399,18 @@ def test_resuming_refuses_other_settings_and_a_finished_run(demo, tmp_path, reli
     _, other = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 2, "model.lora.peft-lora-r": 4})
     _, shorter = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
     for what, folder, settings, message in [
-        ("a resume with model.lora.peft-lora-r = 4 of a run trained with 8", tmp_path, other,
-         r"that run used model.lora = .*; resume with the same settings"),
-        ("a resume with num-server-rounds = 1 of a run that completed round 1", tmp_path, shorter,
-         "it completed 1 rounds, num-server-rounds = 1"),
+        (
+            "a resume with model.lora.peft-lora-r = 4 of a run trained with 8",
+            tmp_path,
+            other,
+            r"that run used model.lora = .*; resume with the same settings",
+        ),
+        (
+            "a resume with num-server-rounds = 1 of a run that completed round 1",
+            tmp_path,
+            shorter,
+            "it completed 1 rounds, num-server-rounds = 1",
+        ),
         ("a resume from a folder without resume.json", tmp_path / "elsewhere", config, "no resume.json there"),
     ]:
         with pytest.raises(ConfigError, match=message) as err:
@@ -406,12 +464,15 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
     assert len(before) >= 22  # the SuperLink, 20 SuperNodes, the trainer supervisor (and what they keep)
     ratios = {name: last[name] / before[name] for name in before if name in last}
     worst = max(ratios, key=ratios.get)
-    print(f"soak: {len(ratios)} long-lived processes, RSS round {baseline_round} -> {rounds_wanted}: "
-          f"largest growth {ratios[worst]:.3f}x ({worst})")
+    print(
+        f"soak: {len(ratios)} long-lived processes, RSS round {baseline_round} -> {rounds_wanted}: "
+        f"largest growth {ratios[worst]:.3f}x ({worst})"
+    )
     grown = {name: (before[name], last[name]) for name in before if name in last and last[name] > 1.10 * before[name]}
     assert not grown, f"RSS grew more than 10 % from round {baseline_round} to {rounds_wanted}: {grown}"
     reliability.record(
-        "fault", f"a soak: {rounds_wanted} rounds on {NODES} SuperNodes, a SuperLink and a warm trainer",
+        "fault",
+        f"a soak: {rounds_wanted} rounds on {NODES} SuperNodes, a SuperLink and a warm trainer",
         f"{len(rounds)} of {rounds_wanted} rounds completed; {len(grown)} of {len(ratios)} long-lived processes "
         f"grew over 10 % in RSS from round {baseline_round} to {rounds_wanted}",
         rounds_lost=_rounds_lost(rounds_wanted, rounds),
@@ -421,7 +482,9 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
 @pytest.mark.deployment
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
     run_dir, rounds = run(
-        deployment, demo, tmp_path,
+        deployment,
+        demo,
+        tmp_path,
         **{"num-server-rounds": 1, "leaderboard": False, "static.strategy.fraction-train": 0.15},
     )
     assert len(rounds[0]["clients"]) == 3  # int(0.15 * 20), where the leaderboard samples 2
@@ -439,9 +502,10 @@ def test_an_unknown_key_sent_by_a_plain_flwr_run_is_named_in_the_superlink_log(d
     line = next(line for line in superlink_log.splitlines() if "Could not start run" in line)
     assert "Key 'model.lora.rr' is not present" in line
     reliability.record(
-        "bad input", "model.lora.rr = 8 (a typo) through a plain flwr run",
-        f"refused before the run existed: flwr says {str(refused.value)[str(refused.value).index('[code'):]!r}; "
-        f"the SuperLink log says: {line[line.index('Could not start run'):]}",
+        "bad input",
+        "model.lora.rr = 8 (a typo) through a plain flwr run",
+        f"refused before the run existed: flwr says {str(refused.value)[str(refused.value).index('[code') :]!r}; "
+        f"the SuperLink log says: {line[line.index('Could not start run') :]}",
     )
 
 
@@ -478,7 +542,7 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
         "bad input",
         f"model.quantization = 4 sent to CPU nodes past the deploy tool, as a plain flwr run would ({_layout(deployment)})",
         f"run {status}; round 1: {len(line['clients'])} updates, {len(line['failed'])} failed; "
-        f"the log says: {shown[shown.index('ServerApp stopped'):].splitlines()[0].replace(str(run_dir), '$RUN')}",
+        f"the log says: {shown[shown.index('ServerApp stopped') :].splitlines()[0].replace(str(run_dir), '$RUN')}",
     )
 
 
@@ -506,12 +570,14 @@ def test_stopping_leaves_no_process(deployment, demo, tmp_path, reliability):
     deployment.down()
     started = {p.pid for p in descendants}
     alive = [
-        p for p in psutil.process_iter(["status"])
+        p
+        for p in psutil.process_iter(["status"])
         if (_pgid(p.pid) in groups or p.pid in started) and p.info["status"] != psutil.STATUS_ZOMBIE
     ]
     assert alive == []
     reliability.record(
-        "fault", f"the deployment stopped in the middle of a run, as Ctrl-C on deploy run does ({_layout(deployment)})",
+        "fault",
+        f"the deployment stopped in the middle of a run, as Ctrl-C on deploy run does ({_layout(deployment)})",
         f"{len(alive)} processes left of the {len(groups)} process groups started and the ServerApp's own session",
     )
 
@@ -520,9 +586,13 @@ def _lasting_zombies(pids, seconds: float = 10) -> list[str]:
     """Zombies in these process trees that stay `seconds`: children nobody waits for. One
     that its parent is about to reap (a subprocess call returning) is gone by then."""
     deadline = time.monotonic() + seconds
-    while (zombies := [p for p in _descendants(pids) if _status(p) == psutil.STATUS_ZOMBIE]) and time.monotonic() < deadline:
+    while (
+        zombies := [p for p in _descendants(pids) if _status(p) == psutil.STATUS_ZOMBIE]
+    ) and time.monotonic() < deadline:
         time.sleep(0.2)
-    return [f"{z.pid} under {_cmdline(psutil.Process(z.ppid()))!r}" for z in zombies if _status(z) == psutil.STATUS_ZOMBIE]
+    return [
+        f"{z.pid} under {_cmdline(psutil.Process(z.ppid()))!r}" for z in zombies if _status(z) == psutil.STATUS_ZOMBIE
+    ]
 
 
 def _status(process: psutil.Process) -> str | None:

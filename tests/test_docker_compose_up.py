@@ -51,9 +51,26 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
     overrides["num-server-rounds"] = 1
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
     render = subprocess.run(
-        [sys.executable, "-m", "deploy", "--app", str(ROOT), "render", "--gpus", "", "--out", str(tmp_path),
-         "--volume", f"{demo.model_dir.parent}:/demo:ro", "--model", "/demo/tiny-gemma2", "--run-config", run_config],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "deploy",
+            "--app",
+            str(ROOT),
+            "render",
+            "--gpus",
+            "",
+            "--out",
+            str(tmp_path),
+            "--volume",
+            f"{demo.model_dir.parent}:/demo:ro",
+            "--model",
+            "/demo/tiny-gemma2",
+            "--run-config",
+            run_config,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert render.returncode == 0, render.stderr
     try:
@@ -61,7 +78,9 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
         assert up.returncode == 0, up.stderr
         services = {
             c.labels["com.docker.compose.service"]: c
-            for c in docker.from_env().containers.list(all=True, filters={"label": f"com.docker.compose.project={PROJECT}"})
+            for c in docker.from_env().containers.list(
+                all=True, filters={"label": f"com.docker.compose.project={PROJECT}"}
+            )
         }
         submit = services["submit"]
         exit_code = submit.wait(timeout=900)["StatusCode"]  # a real wait, also for one already exited
@@ -84,7 +103,12 @@ def test_docker_compose_up_runs_the_job(demo, tmp_path, docker_engine):
 
 @pytest.mark.parametrize(
     "hosts",
-    [[Host("localhost", (0,))], [Host("localhost", tuple(range(8)))], [Host("a", (0, 1)), Host("b", (0,))], [Host("cpu")]],
+    [
+        [Host("localhost", (0,))],
+        [Host("localhost", tuple(range(8)))],
+        [Host("a", (0, 1)), Host("b", (0,))],
+        [Host("cpu")],
+    ],
     ids=["1gpu", "8gpu", "2hosts", "cpu"],
 )
 @pytest.mark.parametrize("request_kind", ["nvidia", "cdi"])

@@ -41,8 +41,19 @@ def test_superlink_image_builds_from_the_index_without_a_wheelhouse(docker_engin
         built = docker("build", "-q", "-t", base_tag, str(base))
         assert built.returncode == 0, built.stderr
         built = docker(
-            "build", "--no-cache", "--network", "host", "--build-arg", f"BASE_IMAGE={base_tag}", "--target", "superlink",
-            "-f", str(context / "docker" / "Dockerfile"), "-t", tag, str(context),
+            "build",
+            "--no-cache",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE_IMAGE={base_tag}",
+            "--target",
+            "superlink",
+            "-f",
+            str(context / "docker" / "Dockerfile"),
+            "-t",
+            tag,
+            str(context),
         )
         assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
         assert "installing the superlink image's dependencies from the package index" in built.stdout

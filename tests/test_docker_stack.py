@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import docker
 import pytest
 
+import docker
 from deploy.backends.docker import LABEL, prepare_host_folder
 from deploy.compose import PROJECT
 from deploy.flwr_cli import FlwrCli
@@ -28,7 +28,9 @@ pytestmark = pytest.mark.docker
 
 
 def deploy(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *args], env=env, text=True, capture_output=True)
+    return subprocess.run(
+        [sys.executable, "-m", "deploy", "--app", str(ROOT), *args], env=env, text=True, capture_output=True
+    )
 
 
 def containers(client) -> list:
@@ -64,7 +66,16 @@ def stack(demo, tmp_path_factory, docker_engine, hf_token):
     canary = client.volumes.create("unrelated-volume")  # `down` must leave what it did not create
     overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json"}
     run_config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())  # the trainers load this model
-    layout = ["--gpus", "", "--dir", str(workdir), "--volume", f"{demo.model_dir.parent}:/demo:ro", "--run-config", run_config]
+    layout = [
+        "--gpus",
+        "",
+        "--dir",
+        str(workdir),
+        "--volume",
+        f"{demo.model_dir.parent}:/demo:ro",
+        "--run-config",
+        run_config,
+    ]
     up = deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", docker_engine, env=env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -152,7 +163,9 @@ def test_containers_run_hardened_and_get_the_token_as_a_file_only(stack, hf_toke
             with_token.add(container.labels[f"{LABEL}.service"])
     assert with_token == {"model-fetch", "trainer-cpu", "serverapp"}  # what downloads from the hub
     # huggingface_hub finds the token through HF_TOKEN_PATH; compared by digest, so no exec carries it.
-    read = "import hashlib; from huggingface_hub import get_token; print(hashlib.sha256(get_token().encode()).hexdigest())"
+    read = (
+        "import hashlib; from huggingface_hub import get_token; print(hashlib.sha256(get_token().encode()).hexdigest())"
+    )
     code, out = client.containers.get(f"{PROJECT}-trainer-cpu").exec_run(["python", "-c", read])
     assert (code, out.decode().strip()) == (0, hashlib.sha256(hf_token.encode()).hexdigest())
 
@@ -203,7 +216,11 @@ def test_the_serverapp_runs_with_no_data_and_no_weights(stack, runs):
     serverapp = client.containers.get(f"{PROJECT}-serverapp")
     mounts = {m["Destination"] for m in serverapp.attrs["Mounts"]}
     assert mounts == {
-        "/app/results", "/certs/ca.crt", "/certs/superexec.secret", "/run/secrets/hf_token", "/demo/tiny-gemma2/config.json"
+        "/app/results",
+        "/certs/ca.crt",
+        "/certs/superexec.secret",
+        "/run/secrets/hf_token",
+        "/demo/tiny-gemma2/config.json",
     }
     code, out = serverapp.exec_run(["ls", "-A", "/demo", "/demo/tiny-gemma2"])
     assert (code, out.decode().split()) == (0, ["/demo:", "tiny-gemma2", "/demo/tiny-gemma2:", "config.json"])

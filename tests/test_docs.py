@@ -29,8 +29,12 @@ def code(text: str) -> list[str]:
 def tried(text: str) -> list[str]:
     """docs/reliability.md's cells are plain text with Markdown's special characters escaped (`\\``), not
     code spans: the cells that are a `deploy` command line, and the spans inside the others, unescaped."""
-    cells = [re.sub(r"\\(.)", r"\1", cell) for line in text.splitlines() if line.startswith("| ")
-             for cell in re.split(r"(?<!\\) \| ", line.strip("| "))]
+    cells = [
+        re.sub(r"\\(.)", r"\1", cell)
+        for line in text.splitlines()
+        if line.startswith("| ")
+        for cell in re.split(r"(?<!\\) \| ", line.strip("| "))
+    ]
     return [cell for cell in cells if cell.startswith("deploy ")] + code("\n".join(cells))
 
 
@@ -39,7 +43,7 @@ def shown(snippets: list[str]) -> list[tuple[str | None, list[str]]]:
     found = []
     for line in (line for snippet in snippets for line in snippet.splitlines()):
         for match in DEPLOY.finditer(line):
-            rest = re.split(r"\s#|&&|;|\||`|\bdeploy\b", line[match.end():])[0].split()
+            rest = re.split(r"\s#|&&|;|\||`|\bdeploy\b", line[match.end() :])[0].split()
             options = [m[0] for m in (re.match(r"--[a-z][a-z0-9-]*", t) for t in rest) if m]
             if rest and COMMAND.fullmatch(first := rest[0].rstrip(":,.)")):
                 found += [(command, options) for command in first.split("/")]
@@ -57,8 +61,11 @@ def missing(root: argparse.ArgumentParser, uses: list[tuple[str | None, list[str
             wrong.append(f"deploy {command}: no such command")
             continue
         known = {s for a in (commands[command] if command else root)._actions for s in a.option_strings}
-        wrong += [f"deploy {command or ''} {option}: no such option".replace("  ", " ") for option in options
-                  if option not in known]
+        wrong += [
+            f"deploy {command or ''} {option}: no such option".replace("  ", " ")
+            for option in options
+            if option not in known
+        ]
     return wrong
 
 

@@ -34,8 +34,12 @@ ALL_A = {"stem": 0.5, "social_sciences": 0.25, "humanities": 1.0}  # accuracy of
 def mmlu_rows() -> list[dict]:
     words = "river mountain garden letter window planet engine market winter silver music paper".split()
     return [
-        {"question": f"Which {words[i % 12]} is {words[(i + 5) % 12]}", "subject": subject,
-         "choices": [words[(i + j) % len(words)] for j in range(4)], "answer": answer}
+        {
+            "question": f"Which {words[i % 12]} is {words[(i + 5) % 12]}",
+            "subject": subject,
+            "choices": [words[(i + j) % len(words)] for j in range(4)],
+            "answer": answer,
+        }
         for i, (subject, answer) in enumerate(row for rows in SUBJECTS.values() for row in rows)
     ]
 
@@ -56,9 +60,18 @@ def eval_args(*argv) -> argparse.Namespace:
 @pytest.mark.parametrize(
     "output, letter",
     [
-        ("A", "A"), (" b", "B"), ("C) 4", "C"), ("(d).", "D"), ("**B**", "B"), ("ab", "A"),
+        ("A", "A"),
+        (" b", "B"),
+        ("C) 4", "C"),
+        ("(d).", "D"),
+        ("**B**", "B"),
+        ("ab", "A"),
         ("e", "E"),  # the reference accepts a-e; no MMLU answer is E, so it only ever scores wrong
-        ("The answer is C", None), ("", None), (" \n ", None), ("1. A", None), ("yes", None),
+        ("The answer is C", None),
+        ("", None),
+        (" \n ", None),
+        ("1. A", None),
+        ("yes", None),
         ("Answer: C", "A"),  # its first letter once the punctuation is gone: the reference's rule, kept
         ("Let me think\n## c. 4\nso", "C"),  # after a "\n##" heading, the heading's line
     ],
@@ -82,7 +95,12 @@ def test_prompt_is_the_references():
 def test_category_table_covers_the_57_subjects_once():
     subjects = [s for names in evaluation.MMLU_CATEGORY.values() for s in names]
     assert len(subjects) == len(set(subjects)) == len(evaluation.SUBJECT_CATEGORY) == 57
-    assert [len(evaluation.MMLU_CATEGORY[c]) for c in ("stem", "social_sciences", "humanities", "other")] == [19, 12, 13, 13]
+    assert [len(evaluation.MMLU_CATEGORY[c]) for c in ("stem", "social_sciences", "humanities", "other")] == [
+        19,
+        12,
+        13,
+        13,
+    ]
     assert evaluation.SUBJECT_CATEGORY["formal_logic"] == "humanities"
     assert evaluation.SUBJECT_CATEGORY["econometrics"] == "social_sciences"
     assert evaluation.SUBJECT_CATEGORY["computer_security"] == "stem"
@@ -90,12 +108,22 @@ def test_category_table_covers_the_57_subjects_once():
 
 @pytest.mark.timeout(30)
 def test_score_is_per_category_and_averages_the_categories():
-    rows = [{"category": c, "answer": a} for c, a in
-            [("stem", "A"), ("stem", "B"), ("stem", "C"), ("stem", "D"), ("humanities", "A"), ("social_sciences", "B"),
-             ("social_sciences", "C")]]
+    rows = [
+        {"category": c, "answer": a}
+        for c, a in [
+            ("stem", "A"),
+            ("stem", "B"),
+            ("stem", "C"),
+            ("stem", "D"),
+            ("humanities", "A"),
+            ("social_sciences", "B"),
+            ("social_sciences", "C"),
+        ]
+    ]
     predicted = ["A", "B", "C", None, "B", "B", "E"]
     assert evaluation.tally(rows, predicted) == {
-        "stem": {"correct": 3, "total": 4}, "social_sciences": {"correct": 1, "total": 2},
+        "stem": {"correct": 3, "total": 4},
+        "social_sciences": {"correct": 1, "total": 2},
         "humanities": {"correct": 0, "total": 1},
     }
     scores = evaluation.score(rows, predicted)
@@ -204,8 +232,11 @@ def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_fi
     run = tmp_path / "results" / "run1"
     config = make_run(run_config, run)
     assert_refused(
-        reliability, "deploy eval of a run folder with no round-N adapter yet", "without a round-N adapter",
-        cmd_eval, eval_args(run, "--data", mmlu_file, "--quantization", 0),
+        reliability,
+        "deploy eval of a run folder with no round-N adapter yet",
+        "without a round-N adapter",
+        cmd_eval,
+        eval_args(run, "--data", mmlu_file, "--quantization", 0),
     )
     questions = evaluation.load_questions(str(mmlu_file), evaluation.DEFAULT_CATEGORIES)
     save_adapter(initial_adapter(config.model, 1), config.model, run / "round-1")
@@ -223,8 +254,11 @@ def test_deploy_eval_records_scores_in_the_run_summary(demo, run_config, mmlu_fi
     assert cmd_eval(eval_args(run, "--base-only", "--data", mmlu_file, "--quantization", 0)) == 0
     assert cmd_eval(eval_args(run / "round-1", "--data", mmlu_file, "--quantization", 0, "--limit", 2)) == 0
     evaluated = json.loads((run / "summary.json").read_text())["evaluation"]
-    assert set(evaluated) == {f"{p}mmlu-{c}" for p in ("", "base-", "round-1-limit2-")
-                              for c in ("stem", "social-sciences", "humanities", "average")}
+    assert set(evaluated) == {
+        f"{p}mmlu-{c}"
+        for p in ("", "base-", "round-1-limit2-")
+        for c in ("stem", "social-sciences", "humanities", "average")
+    }
     assert {k: v for k, v in evaluated.items() if k.startswith("mmlu-")} == pytest.approx(expected)
     assert all(0.0 <= v <= 1.0 for v in evaluated.values())
     markdown = (run / "summary.md").read_text()
@@ -243,7 +277,10 @@ def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_fil
         ((), "RUN_OR_ADAPTER: required unless --base-only"),
         (("--base-only",), "--model: needed"),
         ((tmp_path,), "neither a run folder"),
-        ((run, "--base-only", "--categories", "stem,arts"), "--categories 'stem,arts': a comma-separated choice of stem,"),
+        (
+            (run, "--base-only", "--categories", "stem,arts"),
+            "--categories 'stem,arts': a comma-separated choice of stem,",
+        ),
         ((run, "--base-only", "--batch-size", 0), "--batch-size 0: must be a positive integer"),
         ((run, "--base-only", "--limit", -1), "--limit -1: must be a positive integer"),
         ((run, "--base-only", "--data", tmp_path / "none.json"), "--data .*none.json: no such file"),
@@ -260,6 +297,9 @@ def test_bad_input_is_one_line_deploy_error(demo, run_config, tmp_path, mmlu_fil
 
     if not torch.cuda.is_available():
         assert_refused(
-            reliability, f"deploy eval {run} --base-only (4-bit) without a CUDA GPU", "--quantization 4: needs a CUDA GPU",
-            cmd_eval, eval_args(run, "--base-only", "--data", mmlu_file),
+            reliability,
+            f"deploy eval {run} --base-only (4-bit) without a CUDA GPU",
+            "--quantization 4: needs a CUDA GPU",
+            cmd_eval,
+            eval_args(run, "--base-only", "--data", mmlu_file),
         )

@@ -65,8 +65,13 @@ TRAIN = TrainSettings(512, 2, 4, 1, 10, 5e-5, 1e-6, 5, 42, 0)
 def gemma2_9b(tmp_path) -> str:
     """Gemma2-9B's shapes, as its config.json gives them."""
     Gemma2Config(
-        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+        vocab_size=256000,
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
     ).save_pretrained(tmp_path)
     return str(tmp_path)
 
@@ -96,4 +101,6 @@ def test_trainers_that_cannot_fit_are_refused_in_one_line(gemma2_9b):
     check_fits(model, TRAIN, 6, 80 * GIB)
     with pytest.raises(ConfigError) as err:
         check_fits(model, TRAIN, 3, 24 * GIB)
-    assert str(err.value).startswith("--trainers-per-gpu 3: 3 trainers of about 11.") and "use at most 1 " in str(err.value)
+    assert str(err.value).startswith("--trainers-per-gpu 3: 3 trainers of about 11.") and "use at most 1 " in str(
+        err.value
+    )

@@ -45,7 +45,9 @@ def test_generation_config_is_consistent_with_use_cache_off(run_config, tmp_path
 def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_config, caplog, tmp_path):
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset)
+    data = tokenize_partition(
+        load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset
+    )
     with caplog.at_level(logging.WARNING):
         model = build_model(config.model)
         before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
@@ -61,7 +63,9 @@ def test_a_node_sampled_again_sees_another_first_batch_only_with_dynamic_data_se
     run_config["train.dynamic-data-seed"] = dynamic
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(load_partition(config.dataset, 3, config.train.seed), tokenizer, config.train, config.dataset)
+    data = tokenize_partition(
+        load_partition(config.dataset, 3, config.train.seed), tokenizer, config.train, config.dataset
+    )
     model = build_model(config.model)
     first_batches = []
     for server_round in (2, 7):  # a node sampled in two rounds, each a fresh Trainer as in production
@@ -85,7 +89,16 @@ def test_recorder_saves_every_n_rounds_and_the_last_in_peft_format(run_config, t
         state = {k: v + r for k, v in state.items()}
         recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=[{"node-id": r, **metrics}]))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "loss.png", "metrics.jsonl", "resume.json", "round-2", "round-3", "round_time.png", "run.json", "state", "summary.json", "summary.md"
+        "loss.png",
+        "metrics.jsonl",
+        "resume.json",
+        "round-2",
+        "round-3",
+        "round_time.png",
+        "run.json",
+        "state",
+        "summary.json",
+        "summary.md",
     ]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(line["round"], line["checkpoint"]) for line in lines] == [(1, None), (2, "round-2"), (3, "round-3")]
@@ -112,7 +125,9 @@ def test_gradient_checkpointing_still_trains_every_lora_factor(run_config, tmp_p
     where PEFT does not do it for us, bench/memory/reentrant_ab.txt checks the same.)"""
     config = AppConfig.from_run_config({**run_config, "model.gradient-checkpointing": True})
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset)
+    data = tokenize_partition(
+        load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset
+    )
     model = build_model(config.model)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     before = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}

@@ -53,9 +53,12 @@ def start_supernode(deployment: ProcessDeployment, home: Path, node_config: str)
         [
             str(deployment.bin_dir / "flower-supernode"),
             "--insecure",
-            "--superlink", deployment.connection.address,
-            "--node-config", node_config,
-            "--port", str(free_port()),
+            "--superlink",
+            deployment.connection.address,
+            "--node-config",
+            node_config,
+            "--port",
+            str(free_port()),
         ],
         env={**deployment.env, **SUPERNODE_ENV, "FLWR_HOME": str(home)},
         stdout=(home / "log").open("w"),
@@ -77,7 +80,9 @@ def test_hand_started_nodes_own_data_a_bad_partition_id_and_a_repeated_one(deplo
     own_copy = tmp_path / "site-b-data.json"
     own_copy.write_text(json.dumps(rows + rows))
     hand_started = [
-        start_supernode(deployment, tmp_path / "site-b", f'partition-id=2 num-partitions={PARTITIONS} data-files="{own_copy}"'),
+        start_supernode(
+            deployment, tmp_path / "site-b", f'partition-id=2 num-partitions={PARTITIONS} data-files="{own_copy}"'
+        ),
         start_supernode(deployment, tmp_path / "typo", f"partition-id=20 num-partitions={PARTITIONS}"),
         start_supernode(deployment, tmp_path / "repeat", f"partition-id=1 num-partitions={PARTITIONS}"),
     ]
@@ -99,7 +104,9 @@ def test_hand_started_nodes_own_data_a_bad_partition_id_and_a_repeated_one(deplo
             process.wait()
 
     (failed,) = first["failed"]
-    assert "NodeConfigError" in failed["reason"] and "partition-id = 20: must be an integer in [0, 2]" in failed["reason"]
+    assert (
+        "NodeConfigError" in failed["reason"] and "partition-id = 20: must be an integer in [0, 2]" in failed["reason"]
+    )
     (repeat,) = first["rejected"]
     (owner,) = [c["node-id"] for c in first["clients"] if c["partition-id"] == 1]
     assert repeat["partition-id"] == 1 and repeat["node-id"] > owner
@@ -112,12 +119,14 @@ def test_hand_started_nodes_own_data_a_bad_partition_id_and_a_repeated_one(deplo
     assert "is left out of sampling from now on" in log
     assert f"Node {repeat['node-id']} repeats partition 1 of node {owner}: held back from sampling" in log
     reliability.record(
-        "bad input", f"a SuperNode started by hand with node config partition-id=20 (of {PARTITIONS})",
+        "bad input",
+        f"a SuperNode started by hand with node config partition-id=20 (of {PARTITIONS})",
         f"failed in round 1 only ({failed['reason']}), then left out of sampling; "
         f"both rounds completed, round 2 with the {len(second['clients'])} good nodes",
     )
     reliability.record(
-        "bad input", "a SuperNode started by hand with node config partition-id=1, which a deployed node trains",
+        "bad input",
+        "a SuperNode started by hand with node config partition-id=1, which a deployed node trains",
         f"round 1 refused the later node's update ({repeat['reason'].replace(str(owner), 'N')}) and aggregated partition 1 once; "
         "round 2 did not sample it",
     )

@@ -23,7 +23,10 @@ print(subprocess.run(["sh", "-c", "exit 3"]).returncode)
 def test_training_in_a_reaped_clientapp_gets_its_childrens_exit_status():
     done = subprocess.run(
         [sys.executable, "-m", "deploy.reaped", sys.executable, "-c", EXIT_STATUS_BEFORE_AND_AFTER],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0", "3"]

@@ -21,16 +21,29 @@ DOWN, UP = 1_000_000, 999_000
 
 
 def record_run(run_config, folder, flexlora: bool, losses: list[float]):
-    config = AppConfig.from_run_config({**run_config, "num-server-rounds": len(losses), "strategy.use-flexlora": int(flexlora)})
+    config = AppConfig.from_run_config(
+        {**run_config, "num-server-rounds": len(losses), "strategy.use-flexlora": int(flexlora)}
+    )
     recorder = RunRecorder(folder, config)
     state = initial_adapter(config.model, seed=1)
     for r, loss in enumerate(losses, start=1):
         clients = [
-            {"node-id": 100 + p, "partition-id": p, "gpu": p % 2, "num-examples": 5, "train-loss": loss + p / 100,
-             "train-seconds": 1.5, "train-tokens": 40, "bytes-to-client": DOWN, "bytes-from-client": UP}
+            {
+                "node-id": 100 + p,
+                "partition-id": p,
+                "gpu": p % 2,
+                "num-examples": 5,
+                "train-loss": loss + p / 100,
+                "train-seconds": 1.5,
+                "train-tokens": 40,
+                "bytes-to-client": DOWN,
+                "bytes-from-client": UP,
+            }
             for p in (r, r + 7)
         ]
-        recorder(RoundReport(server_round=r, arrays=ArrayRecord(state), clients=clients, aggregate={"train-loss": loss}))
+        recorder(
+            RoundReport(server_round=r, arrays=ArrayRecord(state), clients=clients, aggregate={"train-loss": loss})
+        )
     return folder
 
 
@@ -64,13 +77,34 @@ def test_deploy_report_redraws_and_compares_runs(run_config, tmp_path):
     for run in (fedavg, flex):
         (run / "loss.png").unlink()
     done = subprocess.run(
-        [sys.executable, "-m", "deploy", "--app", str(ROOT), "report", str(fedavg), str(flex), "--out", str(tmp_path / "cmp")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "deploy",
+            "--app",
+            str(ROOT),
+            "report",
+            str(fedavg),
+            str(flex),
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    for path in (fedavg / "loss.png", flex / "loss.png", tmp_path / "cmp" / "loss.png", tmp_path / "cmp" / "round_time.png"):
+    for path in (
+        fedavg / "loss.png",
+        flex / "loss.png",
+        tmp_path / "cmp" / "loss.png",
+        tmp_path / "cmp" / "round_time.png",
+    ):
         assert_png(path)
     bad = subprocess.run(
-        [sys.executable, "-m", "deploy", "--app", str(ROOT), "report", str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "deploy", "--app", str(ROOT), "report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path}: not a run folder (no metrics.jsonl in it)\n"

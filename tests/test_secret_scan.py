@@ -11,8 +11,9 @@ import io
 import re
 import subprocess
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -25,9 +26,16 @@ pytestmark = pytest.mark.unit
 # (cryptography's `_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"`) without a key.
 _BREAK = rb"(?:\r?\n|(?:\\r)?\\n)"
 PRIVATE_KEY = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----" + _BREAK
-    + rb"(?:[A-Za-z-]+: [^\r\n\\]*" + _BREAK + rb")*" + _BREAK + rb"?"
-    + rb"(?:[A-Za-z0-9+/=]{1,80}" + _BREAK + rb")+"
+    rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----"
+    + _BREAK
+    + rb"(?:[A-Za-z-]+: [^\r\n\\]*"
+    + _BREAK
+    + rb")*"
+    + _BREAK
+    + rb"?"
+    + rb"(?:[A-Za-z0-9+/=]{1,80}"
+    + _BREAK
+    + rb")+"
     + rb"-----END \1PRIVATE KEY-----"
 )
 # Third-party files in the images that ship published test keys in full: pycryptodome's
@@ -105,8 +113,10 @@ def test_the_scanner_finds_a_planted_token_and_keys_in_files(tmp_path):
     (tmp_path / "logs" / "app.log").write_bytes(b"INFO starting\nAuthorization: Bearer " + TOKEN + b"\n")
     (tmp_path / "node.key").write_bytes(private_key(serialization.PrivateFormat.OpenSSH))
     (tmp_path / "escaped.json").write_bytes(repr(private_key()).encode())  # a key logged as a string
-    (tmp_path / "clean.py").write_bytes(b'_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"\n'
-                                        b'_SK_END = b"-----END OPENSSH PRIVATE KEY-----"\nhf_other\n')
+    (tmp_path / "clean.py").write_bytes(
+        b'_SK_START = b"-----BEGIN OPENSSH PRIVATE KEY-----"\n'
+        b'_SK_END = b"-----END OPENSSH PRIVATE KEY-----"\nhf_other\n'
+    )
     assert scan_tree(tmp_path, TOKEN) == [
         f"{tmp_path}/escaped.json: private key",
         f"{tmp_path}/logs/app.log: token",
@@ -131,12 +141,14 @@ def test_the_scanner_opens_the_layer_tars_of_a_saved_image():
         return out.getvalue()
 
     test_vectors = "opt/venv/lib/python3.11/site-packages/Crypto/SelfTest/PublicKey/test_import_ECC.py"
-    layer = tar({
-        "etc/app.conf": b"token=" + TOKEN,
-        "srv/tls.key": private_key(),
-        test_vectors: private_key() + TOKEN,  # a published key is not ours; a token there still counts
-        "bin/ok": b"\0" * 1000,
-    })
+    layer = tar(
+        {
+            "etc/app.conf": b"token=" + TOKEN,
+            "srv/tls.key": private_key(),
+            test_vectors: private_key() + TOKEN,  # a published key is not ours; a token there still counts
+            "bin/ok": b"\0" * 1000,
+        }
+    )
     config = b'{"config":{"Env":["HF_TOKEN=' + TOKEN + b'"]}}'  # a token passed as ENV or build arg lands here
     saved = tar({"manifest.json": b"[]", "abc123/layer.tar": layer, "def456.json": config})
     assert list(scan_tar(io.BytesIO(saved), "image", TOKEN)) == [

@@ -62,14 +62,21 @@ def superlink_argv(certs: TlsFiles, port: int, database: Path) -> list[str]:
     """compose's SuperLink, but the ServerApp runs under its own SuperExec: nothing else to start."""
     return [
         "flower-superlink",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--database", str(database),
-        "--ssl-ca-certfile", str(certs.ca_cert),
-        "--ssl-certfile", str(certs.cert),
-        "--ssl-keyfile", str(certs.key),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+        "--ssl-ca-certfile",
+        str(certs.ca_cert),
+        "--ssl-certfile",
+        str(certs.cert),
+        "--ssl-keyfile",
+        str(certs.key),
         "--enable-supernode-auth",
-        "--isolation", "subprocess",
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
     ]
 
@@ -80,7 +87,12 @@ def supernode_argv(address: str, port: int, transport: list[str]) -> list[str]:
 
 def tls_node(certs: TlsFiles, public_key: Path) -> list[str]:
     """What a SuperNode of the stack gets: the CA to trust and its own private key."""
-    return ["--root-certificates", str(certs.ca_cert), "--auth-supernode-private-key", str(public_key.with_suffix(".key"))]
+    return [
+        "--root-certificates",
+        str(certs.ca_cert),
+        "--auth-supernode-private-key",
+        str(public_key.with_suffix(".key")),
+    ]
 
 
 def wait_for(what: str, condition, timeout: float = DEADLINE) -> None:
@@ -133,7 +145,8 @@ def test_a_supernode_with_an_unregistered_key_is_refused_and_never_online(federa
     (node,) = federation.node_list()
     assert (int(node["node-id"]), node["status"]) == (federation.registered_node_id(), "online")
     reliability.record(
-        "intrusion", "SuperNode with a valid TLS certificate chain but an unregistered key",
+        "intrusion",
+        "SuperNode with a valid TLS certificate chain but an unregistered key",
         f"refused at activation; it exits with code {exit_code}: `{REFUSED_KEY}`; never in the SuperLink's node list, "
         "so never online and never sampled",
     )
@@ -146,7 +159,8 @@ def test_a_plain_http_supernode_never_joins(federation, reliability):
     assert psutil.Process(federation.deployment.pid_of("plain-http")).is_running()
     assert [int(n["node-id"]) for n in federation.node_list()] == [federation.registered_node_id()]
     reliability.record(
-        "intrusion", "SuperNode speaking plain HTTP (`--insecure`) to the TLS SuperLink",
+        "intrusion",
+        "SuperNode speaking plain HTTP (`--insecure`) to the TLS SuperLink",
         f"refused in the TLS handshake; it retries (`{PLAIN_RETRY}`) and is never in the SuperLink's node list",
     )
 
@@ -163,7 +177,8 @@ def test_the_control_api_refuses_plain_http(federation, reliability):
     with pytest.raises((ConnectionError, urllib.error.URLError)) as raw:
         urllib.request.urlopen(request, timeout=10)
     reliability.record(
-        "intrusion", "`flwr` with `insecure = true` (`flwr supernode ls`, `flwr ls`, `flwr supernode register`) "
+        "intrusion",
+        "`flwr` with `insecure = true` (`flwr supernode ls`, `flwr ls`, `flwr supernode register`) "
         "and a raw plain-HTTP POST to the Control API",
         f"refused: `flwr` says `{UNAVAILABLE}`; the POST gets no HTTP answer ({type(raw.value).__name__})",
     )

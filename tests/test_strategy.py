@@ -29,7 +29,13 @@ def adapter(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
 
 def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Message:
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-    metrics = {"num-examples": examples, "train-loss": 1.0, "train-tokens": 5, "train-seconds": 1.0, "peak-gpu-bytes": 0}
+    metrics = {
+        "num-examples": examples,
+        "train-loss": 1.0,
+        "train-tokens": 5,
+        "train-seconds": 1.0,
+        "peak-gpu-bytes": 0,
+    }
     arrays = state if isinstance(state, ArrayRecord) else pack({k: v.numpy() for k, v in state.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**metrics, **extra_metrics})})
     return Message(content, reply_to=instruction)
@@ -38,7 +44,12 @@ def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Mess
 def make_strategy(use_flexlora=False, grid=None):
     reports: list[RoundReport] = []
     strategy = FedAvgOrFlexLora(
-        use_flexlora=use_flexlora, lora_rank=4, flexlora_split="reference", on_round=reports.append, grid=grid, fraction_train=0.1
+        use_flexlora=use_flexlora,
+        lora_rank=4,
+        flexlora_split="reference",
+        on_round=reports.append,
+        grid=grid,
+        fraction_train=0.1,
     )
     strategy.current = ArrayRecord(adapter(0))
     return strategy, reports
@@ -61,14 +72,17 @@ def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition(reliab
     silent past the round's timeout; the round names it, with the partition it had."""
     strategy, reports = make_strategy()
     strategy.sampled = [11, 21]
-    strategy.aggregate_train(1, [reply(11, adapter(1), **{"partition-id": 3}), reply(21, adapter(2), **{"partition-id": 7})])
+    strategy.aggregate_train(
+        1, [reply(11, adapter(1), **{"partition-id": 3}), reply(21, adapter(2), **{"partition-id": 7})]
+    )
     strategy.aggregate_train(2, [reply(11, adapter(3), **{"partition-id": 3})])
     assert reports[0].failed == []
     assert reports[1].failed == [{"node-id": 21, "partition-id": 7, "reason": "no reply within strategy.round-timeout"}]
     assert [c["node-id"] for c in reports[1].clients] == [11]
     (silent,) = reports[1].failed
     reliability.record(
-        "fault", "a sampled node (partition 7 in round 1) silent past strategy.round-timeout in round 2",
+        "fault",
+        "a sampled node (partition 7 in round 1) silent past strategy.round-timeout in round 2",
         f"round 2 recorded node {silent['node-id']}, partition {silent['partition-id']} as failed ({silent['reason']}) "
         f"and aggregated {len(reports[1].clients)} update",
         rounds_lost=sum(not r.clients for r in reports),
@@ -95,7 +109,9 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliabilit
     wrong_shape = adapter(3, rank=5)
     unpacked = ArrayRecord(good)  # one Array per tensor: not what our ClientApp sends
     garbage = pack_bytes(b"not a safetensors file")
-    crashed = Message(Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train"))
+    crashed = Message(
+        Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train")
+    )
     bad = {  # node: what its update carries, the update
         12: ("a NaN in the adapter", reply(12, nan)),
         13: ("an adapter with another key", reply(13, wrong_keys)),
@@ -127,8 +143,10 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliabilit
         reliability.record("bad input", f"a client's update with {what}", f"{line}; {aggregated}")
     (failed,) = report.failed
     reliability.record(
-        "fault", "a client whose training crashed (an error reply)",
-        f"recorded as failed: node {failed['node-id']}, {failed['reason']}; {aggregated}", rounds_lost=int(not report.clients),
+        "fault",
+        "a client whose training crashed (an error reply)",
+        f"recorded as failed: node {failed['node-id']}, {failed['reason']}; {aggregated}",
+        rounds_lost=int(not report.clients),
     )
 
 
@@ -199,10 +217,16 @@ def test_a_repeated_partition_counts_once_and_its_repeat_is_held_back_while_the_
     grid = PromptGrid(federation)
     strategy, reports = make_strategy(grid=grid)
     p1 = {"partition-id": 1}
-    strategy.aggregate_train(1, [reply(12, adapter(1), **p1), reply(11, adapter(2), **p1), reply(13, adapter(3), **{"partition-id": 2})])
+    strategy.aggregate_train(
+        1, [reply(12, adapter(1), **p1), reply(11, adapter(2), **p1), reply(13, adapter(3), **{"partition-id": 2})]
+    )
     assert [c["node-id"] for c in reports[0].clients] == [11, 13], "of two repeats in one round, the lower node id"
     assert reports[0].rejected == [
-        {"node-id": 12, "partition-id": 1, "reason": "partition-id 1 is node 11's, which is online: a repeated node config partition-id"}
+        {
+            "node-id": 12,
+            "partition-id": 1,
+            "reason": "partition-id 1 is node 11's, which is online: a repeated node config partition-id",
+        }
     ]
     assert list(grid.get_node_ids()) == [11, 13]
     federation.online.discard(11)  # the owner went offline: the repeat may train partition 1

@@ -82,7 +82,8 @@ def test_a_folder_without_the_ca_key_cannot_gain_a_name(tmp_path, reliability):
     assert message.startswith(f"{tmp_path}: the SuperLink certificate must name gpu-b, but there is no ca.key")
     assert "remove the folder" in message
     reliability.record(
-        "bad input", "a certificates folder without ca.key (made before it was kept) and a new SuperLink name",
+        "bad input",
+        "a certificates folder without ca.key (made before it was kept) and a new SuperLink name",
         f"refused: {message}",
     )
 
@@ -96,7 +97,9 @@ def test_setup_host_re_issues_for_a_new_host_and_keeps_the_ca_key_root_only(tmp_
         argv = ["setup-host", "--results", str(tmp_path / "results"), "--certs", str(certs)]
         argv += ["--keys", str(tmp_path / "keys")]
         argv += [a for name in names for a in ("--name", name)]
-        return subprocess.run([sys.executable, "-m", "deploy", "--app", str(ROOT), *argv], capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "-m", "deploy", "--app", str(ROOT), *argv], capture_output=True, text=True
+        )
 
     assert setup("superlink", "gpu-a").returncode == 0
     assert setup("superlink", "gpu-a", "gpu-b").returncode == 0

@@ -37,11 +37,27 @@ def trainer(demo, tmp_path_factory):
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "deploy", "--app", str(ROOT), "trainer",
-                "--dir", str(folder / "sockets"), "--home", "cpu", "--count", "1", "--cache-partitions", "2",
-                "--run-config", str(write_run_config(folder / "run-config.toml", sent)),
+                sys.executable,
+                "-m",
+                "deploy",
+                "--app",
+                str(ROOT),
+                "trainer",
+                "--dir",
+                str(folder / "sockets"),
+                "--home",
+                "cpu",
+                "--count",
+                "1",
+                "--cache-partitions",
+                "2",
+                "--run-config",
+                str(write_run_config(folder / "run-config.toml", sent)),
             ],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            start_new_session=True,
         )
     try:
         ping(folder / "sockets", NAME, timeout=180)
@@ -127,7 +143,8 @@ def test_a_trainer_killed_mid_request_fails_that_request_and_comes_back(trainer,
     assert f"trainer {NAME} (pid {victim}) exited with code -9; restarting it" in log_path.read_text()
     assert request(trainer_dir, config, 7).metrics["trainer-pid"] == after["pid"]
     reliability.record(
-        "fault", "a warm trainer SIGKILLed in the middle of a request",
+        "fault",
+        "a warm trainer SIGKILLed in the middle of a request",
         f"that request failed: {error}; the supervisor restarted the trainer, which loaded the model "
         f"{after['model-loads']} time and trained the next request",
     )

@@ -41,7 +41,16 @@ def main() -> None:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home")}
     layout = ["--gpus", "", "--dir", str(work), "--volume", f"{work / 'demo'}:/demo:ro"]
     start = time.monotonic()
-    deploy("up", *layout, "--no-submit", "--model", "/demo/tiny-gemma2", "--base-image", "flowertune-base:bookworm", env=env)
+    deploy(
+        "up",
+        *layout,
+        "--no-submit",
+        "--model",
+        "/demo/tiny-gemma2",
+        "--base-image",
+        "flowertune-base:bookworm",
+        env=env,
+    )
     up_seconds = time.monotonic() - start
     try:
         time.sleep(args.settle)  # idle means idle: nothing to wait for but time
@@ -53,7 +62,12 @@ def main() -> None:
             memory[c.name] = usage / 2**20
         nodes = [v for k, v in memory.items() if "supernode" in k]
         cli = FlwrCli(Path(sys.executable).parent / "flwr", work / "flwr-home", "remote-deployment", env)
-        overrides = {**demo.run_config(), "model.name": "/demo/tiny-gemma2", "dataset.data-files": "/demo/alpaca.json", "num-server-rounds": 1}
+        overrides = {
+            **demo.run_config(),
+            "model.name": "/demo/tiny-gemma2",
+            "dataset.data-files": "/demo/alpaca.json",
+            "num-server-rounds": 1,
+        }
         submitted = time.monotonic()
         run_id = cli.submit(ROOT, overrides, work)
         metrics = None

@@ -103,17 +103,27 @@ def rel_product_error(a1, b1, a2, b2) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense-device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads (flexlora always runs on the CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch CPU threads (flexlora always runs on the CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed flexlora repeats")
-    parser.add_argument("--dense-modules", type=int, default=0,
-                        help="time the dense way on only the first N modules and extrapolate "
-                             "(0 = all modules)")
-    parser.add_argument("--check-modules", type=int, default=2,
-                        help="modules whose products are compared in float64 on the CPU")
-    parser.add_argument("--ref64", action="store_true",
-                        help="also compare both results with a float64 dense truncation "
-                             "(slow on the CPU) to show which one is off")
+    parser.add_argument(
+        "--dense-modules",
+        type=int,
+        default=0,
+        help="time the dense way on only the first N modules and extrapolate (0 = all modules)",
+    )
+    parser.add_argument(
+        "--check-modules", type=int, default=2, help="modules whose products are compared in float64 on the CPU"
+    )
+    parser.add_argument(
+        "--ref64",
+        action="store_true",
+        help="also compare both results with a float64 dense truncation (slow on the CPU) to show which one is off",
+    )
     parser.add_argument("--layers", type=int, default=42)
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
@@ -162,10 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         for shape, t in per_module:
             by_shape.setdefault(shape, []).append(t)
         overall = measured / n_dense
-        dense_seconds = sum(
-            statistics.mean(by_shape[(o, i)]) if (o, i) in by_shape else overall
-            for _, o, i in modules
-        )
+        dense_seconds = sum(statistics.mean(by_shape[(o, i)]) if (o, i) in by_shape else overall for _, o, i in modules)
     else:
         dense_seconds = measured
 
@@ -211,18 +218,30 @@ def main(argv: list[str] | None = None) -> dict:
         "errors": errors,
     }
 
-    print(f"torch {result['torch']}; CPU: {result['cpu']}; cpu_count {result['cpu_count']} "
-          f"(usable {result['cpu_affinity']}); torch threads {args.threads}")
+    print(
+        f"torch {result['torch']}; CPU: {result['cpu']}; cpu_count {result['cpu_count']} "
+        f"(usable {result['cpu_affinity']}); torch threads {args.threads}"
+    )
     print(f"dense device: {dense_device} ({result['dense_device_name']})")
-    print(f"inputs: {args.layers} layers x {list(TARGETS)} = {len(modules)} LoRA modules, "
-          f"{args.clients} clients, r={args.rank}, float32, seed {args.seed}")
+    print(
+        f"inputs: {args.layers} layers x {list(TARGETS)} = {len(modules)} LoRA modules, "
+        f"{args.clients} clients, r={args.rank}, float32, seed {args.seed}"
+    )
     print()
     rows = [
         ("flexlora QR + core SVD (float64), best", cpu_label, flex_best, 1.0),
-        (f"flexlora QR + core SVD (float64), median of {args.repeats}", cpu_label, flex_median,
-         flex_median / flex_best),
-        ("dense out x in + full SVD (float32)" + (" *" if extrapolated else ""), dense_label,
-         dense_seconds, dense_seconds / flex_best),
+        (
+            f"flexlora QR + core SVD (float64), median of {args.repeats}",
+            cpu_label,
+            flex_median,
+            flex_median / flex_best,
+        ),
+        (
+            "dense out x in + full SVD (float32)" + (" *" if extrapolated else ""),
+            dense_label,
+            dense_seconds,
+            dense_seconds / flex_best,
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     dwidth = max(len(r[1]) for r in rows)
@@ -231,15 +250,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<{width}}  {dev:<{dwidth}}  {sec:>10.4f}  {ratio:>8.1f}x")
     print(f"(flexlora first call, not counted: {first:.4f} s)")
     if extrapolated:
-        print(f"* EXTRAPOLATED: dense timed on {n_dense} of {len(modules)} modules "
-              f"({measured:.2f} s measured), scaled per module shape to all {len(modules)}.")
+        print(
+            f"* EXTRAPOLATED: dense timed on {n_dense} of {len(modules)} modules "
+            f"({measured:.2f} s measured), scaled per module shape to all {len(modules)}."
+        )
     print()
     print("relative Frobenius error of the products B A, float64 on the CPU:")
     for e in errors:
         line = f"  {e['module']}: flexlora vs dense {e['flexlora_vs_dense']:.3e}"
         if "flexlora_vs_float64_dense" in e:
-            line += (f"; vs float64 dense: flexlora {e['flexlora_vs_float64_dense']:.3e}, "
-                     f"dense float32 {e['dense_vs_float64_dense']:.3e}")
+            line += (
+                f"; vs float64 dense: flexlora {e['flexlora_vs_float64_dense']:.3e}, "
+                f"dense float32 {e['dense_vs_float64_dense']:.3e}"
+            )
         print(line)
     if errors:
         print(f"  max flexlora vs dense: {max(e['flexlora_vs_dense'] for e in errors):.3e}")

@@ -32,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,9 @@ def _app_source(argv: list[str]) -> Path:
 
     dest = Path(tempfile.mkdtemp(prefix="profile_flexlora_app_"))
     try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "app"], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev, "app"], check=True, capture_output=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as err:  # no git there (device machine): the tree as sent
         print(f"(app from the working tree: git archive {rev} failed: {err})")
         return REPO
@@ -81,6 +84,7 @@ METRICS = ("train-loss", "train-tokens", "train-seconds", "peak-gpu-bytes")
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def adapter_keys(layers: int) -> list[tuple[str, tuple[int, int]]]:
     """PEFT's saved names and shapes, in `get_peft_model_state_dict` order."""
@@ -115,15 +119,25 @@ def client_adapter(base: dict[str, np.ndarray], seed: int, scale: float) -> dict
 def client_metrics(examples: int, seed: int) -> dict[str, Any]:
     """What a warm trainer's reply carries (app/trainer.py + app/client_app.py)."""
     return {
-        "train-loss": 12.0 + seed * 0.01, "train-seconds": 17.0, "train-tokens": 40960,
-        "peak-gpu-bytes": 21003888640, "learning-rate": 4.28e-05, "num-examples": examples,
-        "prepare-seconds": 0.2, "trainer-pid": 2585 + seed, "trainer-model-loads": 1,
-        "trainer-partition-loads": 1, "queue-seconds": 0.01, "trainer-overflow": 0,
-        "partition-id": seed, "client-seconds": 18.0,
+        "train-loss": 12.0 + seed * 0.01,
+        "train-seconds": 17.0,
+        "train-tokens": 40960,
+        "peak-gpu-bytes": 21003888640,
+        "learning-rate": 4.28e-05,
+        "num-examples": examples,
+        "prepare-seconds": 0.2,
+        "trainer-pid": 2585 + seed,
+        "trainer-model-loads": 1,
+        "trainer-partition-loads": 1,
+        "queue-seconds": 0.01,
+        "trainer-overflow": 0,
+        "partition-id": seed,
+        "client-seconds": 18.0,
     }
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
@@ -143,7 +157,7 @@ class Busy:
     def __init__(self, n: int):
         self.n, self.procs = n, []
 
-    def __enter__(self) -> "Busy":
+    def __enter__(self) -> Busy:
         ctx = mp.get_context("fork")
         self.procs = [ctx.Process(target=spin, daemon=True) for _ in range(self.n)]
         for p in self.procs:
@@ -160,15 +174,18 @@ class Busy:
 
 def torch_states(layers: int, rank: int, n_clients: int, seed: int, scale: float):
     base = global_adapter(layers, rank, seed)
-    states = [{k: torch.from_numpy(v) for k, v in client_adapter(base, seed + 1 + c, scale).items()}
-              for c in range(n_clients)]
+    states = [
+        {k: torch.from_numpy(v) for k, v in client_adapter(base, seed + 1 + c, scale).items()} for c in range(n_clients)
+    ]
     return base, states, [80.0 + c for c in range(n_clients)]
 
 
 # ---------------------------------------------------------------- torch only
 
-def thread_sweep(states, weights, rank, threads: list[int], busy: list[int], repeats: int,
-                 full_path: Callable[[], float] | None) -> list[dict[str, Any]]:
+
+def thread_sweep(
+    states, weights, rank, threads: list[int], busy: list[int], repeats: int, full_path: Callable[[], float] | None
+) -> list[dict[str, Any]]:
     rows = []
     default = torch.get_num_threads()
     for n_busy in busy:
@@ -177,16 +194,23 @@ def thread_sweep(states, weights, rank, threads: list[int], busy: list[int], rep
                 torch.set_num_threads(t)
                 flexlora(states, weights, rank)  # warm-up for this thread count
                 times = [timed(lambda: flexlora(states, weights, rank))[1] for _ in range(repeats)]
-                row = {"busy": n_busy, "threads": t, "flexlora_median_s": statistics.median(times),
-                       "flexlora_min_s": min(times), "flexlora_max_s": max(times)}
+                row = {
+                    "busy": n_busy,
+                    "threads": t,
+                    "flexlora_median_s": statistics.median(times),
+                    "flexlora_min_s": min(times),
+                    "flexlora_max_s": max(times),
+                }
                 if full_path is not None:
                     win = [full_path() for _ in range(max(1, repeats // 2))]
                     row["aggregate_seconds_median"] = statistics.median(win)
                 rows.append(row)
-                print(f"  busy={n_busy:3d} threads={t:3d}: flexlora median {row['flexlora_median_s']:.3f} s "
-                      f"(min {row['flexlora_min_s']:.3f}, max {row['flexlora_max_s']:.3f})"
-                      + (f"; aggregate-seconds window {row['aggregate_seconds_median']:.3f} s" if full_path else ""),
-                      flush=True)
+                print(
+                    f"  busy={n_busy:3d} threads={t:3d}: flexlora median {row['flexlora_median_s']:.3f} s "
+                    f"(min {row['flexlora_min_s']:.3f}, max {row['flexlora_max_s']:.3f})"
+                    + (f"; aggregate-seconds window {row['aggregate_seconds_median']:.3f} s" if full_path else ""),
+                    flush=True,
+                )
     torch.set_num_threads(default)
     return rows
 
@@ -202,6 +226,7 @@ def op_breakdown(states, weights, rank) -> str:
 
 # ---------------------------------------------------------------- Flower path
 
+
 class FlowerPath:
     def __init__(self, base: dict[str, np.ndarray], clients: list[dict[str, np.ndarray]], weights, rank: int):
         from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -211,7 +236,12 @@ class FlowerPath:
 
         # Messages read the sender's identity from the runtime (as tests/test_strategy.py sets it).
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        self.ArrayRecord, self.Message, self.MetricRecord, self.RecordDict = ArrayRecord, Message, MetricRecord, RecordDict
+        self.ArrayRecord, self.Message, self.MetricRecord, self.RecordDict = (
+            ArrayRecord,
+            Message,
+            MetricRecord,
+            RecordDict,
+        )
         self.rank = rank
         self.base = ArrayRecord({k: torch.from_numpy(v) for k, v in base.items()})  # as server_app.py
         self.packed = [pack(c) for c in clients]  # client side: not timed
@@ -235,19 +265,24 @@ class FlowerPath:
 
         import app.strategy as st
 
-        cls = getattr(st, "LoraFedAvg", None) or getattr(st, "FedAvgOrFlexLora")  # renamed after HEAD
+        cls = getattr(st, "LoraFedAvg", None) or st.FedAvgOrFlexLora  # renamed after HEAD
         extra = {"flexlora_split": "reference"} if "flexlora_split" in inspect.signature(cls).parameters else {}
         reports = []
-        s = cls(use_flexlora=use_flexlora, lora_rank=self.rank, on_round=on_round or reports.append,
-                fraction_train=0.1, **extra)
+        s = cls(
+            use_flexlora=use_flexlora,
+            lora_rank=self.rank,
+            on_round=on_round or reports.append,
+            fraction_train=0.1,
+            **extra,
+        )
         s.current = self.base
         return s, reports
 
     def stages(self, use_flexlora: bool) -> dict[str, float]:
         """The strategy's steps one by one, same calls, same order."""
-        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
         import inspect
+
+        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
         from app.aggregation import flexlora as flex
         from app.strategy import WEIGHT_KEY, _metrics_of, summarize_round
@@ -260,14 +295,16 @@ class FlowerPath:
         t["unpack_reply (all clients)"] = sum(timed(lambda m=m: s.unpack_reply(m))[1] for m in msgs)
         problems = []
         t["find_problem (all clients)"] = sum(
-            timed(lambda m=m: problems.append(s.find_problem(m.content)))[1] for m in msgs)
+            timed(lambda m=m: problems.append(s.find_problem(m.content)))[1] for m in msgs
+        )
         assert not any(problems), problems
         contents = [m.content for m in msgs]
         torch_fedavg = "aggregate_arrayrecords" not in inspect.getsource(type(s)._aggregate_arrays)
         w0 = time.perf_counter()
         if use_flexlora or torch_fedavg:  # the same calls as _aggregate_arrays makes
             states, t["to_torch_state_dict"] = timed(
-                lambda: [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents])
+                lambda: [next(iter(c.array_records.values())).to_torch_state_dict() for c in contents]
+            )
             weights = [float(_metrics_of(c)[WEIGHT_KEY]) for c in contents]
             if use_flexlora:
                 extra = {"split": "reference"} if "split" in inspect.signature(flex).parameters else {}
@@ -292,10 +329,8 @@ class FlowerPath:
         from app.config import LoraSettings, ModelSettings
 
         if not hasattr(self, "_recorder"):
-            model = ModelSettings("google/gemma-2-9b", 4, False,
-                                  LoraSettings(self.rank, 16, 0.05, tuple(TARGETS)))
-            self._recorder = RunRecorder(self.recorder_dir, model, save_every=2, num_rounds=10,
-                                         aggregation="flexlora")
+            model = ModelSettings("google/gemma-2-9b", 4, False, LoraSettings(self.rank, 16, 0.05, tuple(TARGETS)))
+            self._recorder = RunRecorder(self.recorder_dir, model, save_every=2, num_rounds=10, aggregation="flexlora")
         return self._recorder
 
     @staticmethod
@@ -328,6 +363,7 @@ class FlowerPath:
 
 # ---------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=42)
@@ -338,10 +374,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", default="", help="comma list of torch thread counts (default: 1 and the default)")
     p.add_argument("--busy", default="0", help="comma list of busy-process counts to sweep under")
-    p.add_argument("--ops-busy", type=int, default=0, help="also profile (cProfile, torch.profiler) under N busy processes")
+    p.add_argument(
+        "--ops-busy", type=int, default=0, help="also profile (cProfile, torch.profiler) under N busy processes"
+    )
     p.add_argument("--top", type=int, default=25, help="cProfile lines")
     p.add_argument("--no-flwr", action="store_true")
-    p.add_argument("--app-rev", default=MEASURED_REV, help="git revision of app/ to profile (one with the strategy API of MEASURED_REV)")
+    p.add_argument(
+        "--app-rev",
+        default=MEASURED_REV,
+        help="git revision of app/ to profile (one with the strategy API of MEASURED_REV)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -351,14 +393,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_threads = torch.get_num_threads()
     threads = [int(x) for x in args.threads.split(",") if x] or sorted({1, default_threads})
     busy = [int(x) for x in args.busy.split(",") if x]
-    print(f"torch {torch.__version__}, numpy {np.__version__}, cpu_count {os.cpu_count()}, "
-          f"affinity {len(os.sched_getaffinity(0))}, torch default threads {default_threads}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    print(f"inputs: {args.layers} layers x {list(TARGETS)}, r={args.rank}, {args.clients} clients, float32, "
-          f"{len(adapter_keys(args.layers))} tensors per client")
+    print(
+        f"torch {torch.__version__}, numpy {np.__version__}, cpu_count {os.cpu_count()}, "
+        f"affinity {len(os.sched_getaffinity(0))}, torch default threads {default_threads}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
+    print(
+        f"inputs: {args.layers} layers x {list(TARGETS)}, r={args.rank}, {args.clients} clients, float32, "
+        f"{len(adapter_keys(args.layers))} tensors per client"
+    )
     base, states, weights = torch_states(args.layers, args.rank, args.clients, args.seed, args.scale)
-    result: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
-                              "default_threads": default_threads}
+    result: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "default_threads": default_threads,
+    }
 
     flower = None
     if not args.no_flwr:
@@ -386,23 +435,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n_busy in sorted({0, args.ops_busy}):
             with Busy(n_busy):
                 text = flower.cprofile(True, args.top)
-            print(f"\ncProfile of the strategy's aggregate_train (FlexLoRA), {n_busy} busy processes, "
-                  f"{torch.get_num_threads()} torch threads, top {args.top} by cumulative time:")
+            print(
+                f"\ncProfile of the strategy's aggregate_train (FlexLoRA), {n_busy} busy processes, "
+                f"{torch.get_num_threads()} torch threads, top {args.top} by cumulative time:"
+            )
             print(text)
             result[f"cprofile_flexlora_busy{n_busy}"] = text
 
     for n_busy in sorted({0, args.ops_busy}):
         with Busy(n_busy):
             flexlora(states, weights, args.rank)
-            print(f"torch.profiler, one flexlora call, {n_busy} busy processes, "
-                  f"{torch.get_num_threads()} torch threads (self CPU time):")
+            print(
+                f"torch.profiler, one flexlora call, {n_busy} busy processes, "
+                f"{torch.get_num_threads()} torch threads (self CPU time):"
+            )
             table = op_breakdown(states, weights, args.rank)
         print(table)
         result[f"ops_busy{n_busy}"] = table
 
     print("thread sweep (flexlora math; aggregate-seconds window of a real LoraFedAvg where flwr is there):")
-    result["thread_sweep"] = thread_sweep(states, weights, args.rank, threads, busy, args.repeats,
-                                          flower.window if flower is not None else None)
+    result["thread_sweep"] = thread_sweep(
+        states, weights, args.rank, threads, busy, args.repeats, flower.window if flower is not None else None
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

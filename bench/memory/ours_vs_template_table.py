@@ -22,12 +22,21 @@ CONFIGS = {
     "C": "template (prepare_model_for_kbit_training), checkpointing on",
     "D": "template (prepare_model_for_kbit_training), checkpointing off",
 }
-MEASURES = ("after_load_gib", "peak_allocated_gib", "peak_reserved_gib", "process_used_peak_gib",
-            "nvidia_smi_peak_gib", "tokens_per_second", "warmup_step_seconds")
-RATIO_PAIRS = (("A", "C", "ours/template, checkpointing on (A/C)"),
-               ("B", "D", "ours/template, checkpointing off (B/D)"),
-               ("A", "B", "ours, checkpointing on/off (A/B)"),
-               ("C", "D", "template, checkpointing on/off (C/D)"))
+MEASURES = (
+    "after_load_gib",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "process_used_peak_gib",
+    "nvidia_smi_peak_gib",
+    "tokens_per_second",
+    "warmup_step_seconds",
+)
+RATIO_PAIRS = (
+    ("A", "C", "ours/template, checkpointing on (A/C)"),
+    ("B", "D", "ours/template, checkpointing off (B/D)"),
+    ("A", "B", "ours, checkpointing on/off (A/B)"),
+    ("C", "D", "template, checkpointing on/off (C/D)"),
+)
 
 
 def smi_peak_gib(path: Path) -> float | None:
@@ -57,8 +66,13 @@ def read_wall(path: Path) -> dict[str, float]:
 def stats(values: list[float]) -> dict:
     mean = sum(values) / len(values)
     spread = max(values) - min(values)
-    return {"values": values, "n": len(values), "mean": round(mean, 3), "spread": round(spread, 3),
-            "spread_pct_of_mean": round(100 * spread / mean, 2) if mean else None}
+    return {
+        "values": values,
+        "n": len(values),
+        "mean": round(mean, 3),
+        "spread": round(spread, 3),
+        "spread_pct_of_mean": round(100 * spread / mean, 2) if mean else None,
+    }
 
 
 def main() -> None:
@@ -106,13 +120,19 @@ def main() -> None:
         present = [rows[k] for k in keys if k[0] == cfg and not rows[k].get("missing")]
         if not present:
             continue
-        summary[cfg] = {m: stats([x[m] for x in present]) for m in MEASURES
-                        if all(isinstance(x.get(m), (int, float)) for x in present)}
+        summary[cfg] = {
+            m: stats([x[m] for x in present])
+            for m in MEASURES
+            if all(isinstance(x.get(m), (int, float)) for x in present)
+        }
     ratios = {}
     for num, den, name in RATIO_PAIRS:
         if num in summary and den in summary:
-            ratios[name] = {m: round(summary[num][m]["mean"] / summary[den][m]["mean"], 3)
-                            for m in MEASURES if m in summary[num] and m in summary[den] and summary[den][m]["mean"]}
+            ratios[name] = {
+                m: round(summary[num][m]["mean"] / summary[den][m]["mean"], 3)
+                for m in MEASURES
+                if m in summary[num] and m in summary[den] and summary[den][m]["mean"]
+            }
 
     losses = {k: raw[k]["losses"] for k in keys if k in raw}
 
@@ -132,26 +152,47 @@ def main() -> None:
     meta = {}
     if raw:
         r = next(iter(raw.values()))
-        meta = {"gpu": r["gpu"], "versions": r["versions"], "batch": r["batch"], "seq": r["seq"], "accum": r["accum"],
-                "warmup_optimizer_steps": 1, "timed_optimizer_steps": r["timed_optimizer_steps"],
-                "tokens_timed_per_run": r["tokens_timed"], "seed": r.get("seed"), "order": keys, "missing": missing}
-    combined = {"meta": meta, "configs": CONFIGS, "notes": args.note,
-                "model_build": json.loads(args.build.read_text()) if args.build and args.build.is_file() else None,
-                "runs": rows, "summary": summary, "ratios_of_means": ratios, "loss_check": loss_check, "raw": raw}
+        meta = {
+            "gpu": r["gpu"],
+            "versions": r["versions"],
+            "batch": r["batch"],
+            "seq": r["seq"],
+            "accum": r["accum"],
+            "warmup_optimizer_steps": 1,
+            "timed_optimizer_steps": r["timed_optimizer_steps"],
+            "tokens_timed_per_run": r["tokens_timed"],
+            "seed": r.get("seed"),
+            "order": keys,
+            "missing": missing,
+        }
+    combined = {
+        "meta": meta,
+        "configs": CONFIGS,
+        "notes": args.note,
+        "model_build": json.loads(args.build.read_text()) if args.build and args.build.is_file() else None,
+        "runs": rows,
+        "summary": summary,
+        "ratios_of_means": ratios,
+        "loss_check": loss_check,
+        "raw": raw,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ours_vs_template.json").write_text(json.dumps(combined, indent=2) + "\n")
 
     def fmt(v):
         return "-" if v is None else str(v)
 
-    lines = [f"GPU: {meta.get('gpu')}; versions: {meta.get('versions')}",
-             f"batch {meta.get('batch')} x {meta.get('seq')} tokens, accumulation {meta.get('accum')}, AdamW, seed "
-             f"{meta.get('seed')}, 1 warm-up + {meta.get('timed_optimizer_steps')} timed optimizer steps; one fresh "
-             f"process per run, order {' '.join(keys)}" + (f" (missing: {' '.join(missing)})" if missing else ""),
-             *(f"{k} = {v}" for k, v in CONFIGS.items() if any(x[0] == k for x in keys)), "",
-             "| run | checkpoint kwargs | after load GiB | peak allocated GiB | peak reserved GiB | process GiB "
-             "(mem_get_info) | nvidia-smi peak GiB | tokens/s | warm-up step s | process wall s | LoRA tensors with grad |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"GPU: {meta.get('gpu')}; versions: {meta.get('versions')}",
+        f"batch {meta.get('batch')} x {meta.get('seq')} tokens, accumulation {meta.get('accum')}, AdamW, seed "
+        f"{meta.get('seed')}, 1 warm-up + {meta.get('timed_optimizer_steps')} timed optimizer steps; one fresh "
+        f"process per run, order {' '.join(keys)}" + (f" (missing: {' '.join(missing)})" if missing else ""),
+        *(f"{k} = {v}" for k, v in CONFIGS.items() if any(x[0] == k for x in keys)),
+        "",
+        "| run | checkpoint kwargs | after load GiB | peak allocated GiB | peak reserved GiB | process GiB "
+        "(mem_get_info) | nvidia-smi peak GiB | tokens/s | warm-up step s | process wall s | LoRA tensors with grad |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for k in keys:
         r = rows[k]
         if r.get("missing"):
@@ -159,15 +200,23 @@ def main() -> None:
             continue
         g = r.get("warmup_grad_check") or {}
         kwargs = r["checkpoint_kwargs"] if r["gradient_checkpointing"] else "off"
-        lines.append(f"| {k} | {kwargs} | {r['after_load_gib']} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} | "
-                     f"{fmt(r['process_used_peak_gib'])} | {fmt(r['nvidia_smi_peak_gib'])} | {r['tokens_per_second']} | "
-                     f"{r['warmup_step_seconds']} | {fmt(r['wall_seconds'])} | "
-                     f"{g.get('tensors_with_grad')}/{g.get('trainable_tensors')} |")
-    lines += ["", "| config | measure | n | mean | spread (max-min) | values |", "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {k} | {kwargs} | {r['after_load_gib']} | {r['peak_allocated_gib']} | {r['peak_reserved_gib']} | "
+            f"{fmt(r['process_used_peak_gib'])} | {fmt(r['nvidia_smi_peak_gib'])} | {r['tokens_per_second']} | "
+            f"{r['warmup_step_seconds']} | {fmt(r['wall_seconds'])} | "
+            f"{g.get('tensors_with_grad')}/{g.get('trainable_tensors')} |"
+        )
+    lines += [
+        "",
+        "| config | measure | n | mean | spread (max-min) | values |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for cfg, per in summary.items():
         for m, s in per.items():
-            lines.append(f"| {cfg} | {m} | {s['n']} | {s['mean']} | {s['spread']} ({fmt(s['spread_pct_of_mean'])}%) | "
-                         f"{', '.join(str(v) for v in s['values'])} |")
+            lines.append(
+                f"| {cfg} | {m} | {s['n']} | {s['mean']} | {s['spread']} ({fmt(s['spread_pct_of_mean'])}%) | "
+                f"{', '.join(str(v) for v in s['values'])} |"
+            )
     if ratios:
         lines += ["", "| ratio of means | " + " | ".join(MEASURES) + " |", "| --- |" + " --- |" * len(MEASURES)]
         for name, r in ratios.items():

@@ -55,7 +55,9 @@ def main() -> None:
     model = build_model(config.model)
     load_seconds = time.perf_counter() - start
     set_peft_model_state_dict(model, initial_adapter(config.model, config.train.seed))
-    rate = cosine_learning_rate(1, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min)
+    rate = cosine_learning_rate(
+        1, config.strategy.num_rounds, config.train.learning_rate_max, config.train.learning_rate_min
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as scratch:

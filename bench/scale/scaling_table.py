@@ -20,9 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 # gpu1-f0.5.json (6 trainers, checkpointing on: scaling.sh C says why) and
 # gpu2-f0.1.json (beside two other deployments; D reran it alone).
 RUNS = (
-    (1, 0.1, "gpu1-f0.1", "A, beside 2 deployments"), (2, 0.1, "gpu2-f0.1-alone", "D, alone"),
-    (4, 0.1, "gpu4-f0.1", "B, alone"), (1, 0.5, "gpu1-f0.5-alone", "C, alone"),
-    (2, 0.5, "gpu2-f0.5", "A, beside 2 deployments"), (4, 0.5, "gpu4-f0.5", "B, alone"),
+    (1, 0.1, "gpu1-f0.1", "A, beside 2 deployments"),
+    (2, 0.1, "gpu2-f0.1-alone", "D, alone"),
+    (4, 0.1, "gpu4-f0.1", "B, alone"),
+    (1, 0.5, "gpu1-f0.5-alone", "C, alone"),
+    (2, 0.5, "gpu2-f0.5", "A, beside 2 deployments"),
+    (4, 0.5, "gpu4-f0.5", "B, alone"),
 )
 
 
@@ -31,7 +34,11 @@ def row(folder: Path, gpus: int, fraction: float, name: str, call: str) -> dict:
     (run,) = data["runs"].values()
     measured = run["rounds"][1:]
     return {
-        "gpus": gpus, "fraction": fraction, "file": name, "call": call, "trainers": data["trainers-per-gpu"],
+        "gpus": gpus,
+        "fraction": fraction,
+        "file": name,
+        "call": call,
+        "trainers": data["trainers-per-gpu"],
         "round": run["median-round-seconds"],
         "rounds": [r["seconds"] for r in measured],
         "training": run["median-training-seconds"],
@@ -72,7 +79,13 @@ def main() -> None:
     for fraction, colour in ((0.1, "#1f77b4"), (0.5, "#d62728")):
         points = [(r["gpus"], r["round"]) for r in rows if r["fraction"] == fraction]
         ax.plot(*zip(*points), "o-", color=colour, label=f"fraction {fraction} ({int(fraction * 20)} nodes a round)")
-        ax.plot([g for g, _ in points], [base[fraction] / g for g, _ in points], ":", color=colour, label="linear from 1 GPU")
+        ax.plot(
+            [g for g, _ in points],
+            [base[fraction] / g for g, _ in points],
+            ":",
+            color=colour,
+            label="linear from 1 GPU",
+        )
     ax.set_xticks([1, 2, 4])
     ax.set_xlabel("GPUs (H200, one host)")
     ax.set_ylabel("median round, s")

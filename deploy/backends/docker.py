@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import docker
 from docker.errors import DockerException, NotFound
 from docker.types import DeviceRequest
 
+import docker
 from deploy.compose import IMAGE_UID, PROJECT
 from deploy.errors import DeployError
 
@@ -25,8 +25,26 @@ LABEL = "flowertune-deploy.project"
 # The compose keys this backend translates; any other key would be silently lost, so it fails.
 # `build` is compose's own way to the images; `deploy up` builds them itself (deploy/images.py).
 HANDLED_KEYS = frozenset(
-    {"image", "build", "command", "environment", "volumes", "restart", "init", "user", "ports", "healthcheck", "deploy",
-     "depends_on", "cap_drop", "cap_add", "security_opt", "read_only", "tmpfs", "secrets"}
+    {
+        "image",
+        "build",
+        "command",
+        "environment",
+        "volumes",
+        "restart",
+        "init",
+        "user",
+        "ports",
+        "healthcheck",
+        "deploy",
+        "depends_on",
+        "cap_drop",
+        "cap_add",
+        "security_opt",
+        "read_only",
+        "tmpfs",
+        "secrets",
+    }
 )
 # Compose's `${VAR:-default}`: the document names a variable of the user's shell, never its value.
 VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -70,7 +88,8 @@ class DockerDeployment:
         deadline = time.monotonic() + timeout
         while len(started) < len(services):
             ready = [
-                n for n, s in services.items()
+                n
+                for n, s in services.items()
                 if n not in started and all(d in started for d in s.get("depends_on", {}))
             ]
             if not ready:
@@ -218,4 +237,3 @@ def prepare_host_folder(path: Path) -> None:
     if os.geteuid() == 0:
         for p in [path, *path.rglob("*")]:
             os.chown(p, IMAGE_UID, IMAGE_UID)
-

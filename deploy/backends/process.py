@@ -20,9 +20,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any
 
 import psutil
 
@@ -113,7 +114,7 @@ class ProcessDeployment:
         self._stop_watching = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def __enter__(self) -> "ProcessDeployment":
+    def __enter__(self) -> ProcessDeployment:
         try:
             self.up()
         except BaseException:
@@ -138,9 +139,12 @@ class ProcessDeployment:
                 *REAPED,
                 "flower-superlink",
                 "--insecure",
-                "--host", "127.0.0.1",
-                "--port", str(self.topology.superlink_port),
-                "--database", str(self.workdir / "superlink.db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.topology.superlink_port),
+                "--database",
+                str(self.workdir / "superlink.db"),
                 # The app's dependencies are this environment's; never pip-install at run time.
                 "--disable-runtime-dependency-installation",
             ],
@@ -156,9 +160,12 @@ class ProcessDeployment:
                     *REAPED,
                     "flower-supernode",
                     "--insecure",
-                    "--superlink", self.connection.address,
-                    "--node-config", f"{node.node_config} {self._training_config(node)}",
-                    "--port", str(port),
+                    "--superlink",
+                    self.connection.address,
+                    "--node-config",
+                    f"{node.node_config} {self._training_config(node)}",
+                    "--port",
+                    str(port),
                 ],
                 {
                     "FLWR_HOME": str(self.workdir / "nodes" / node.name),
@@ -200,11 +207,20 @@ class ProcessDeployment:
             self.start(
                 group.name,
                 [
-                    "python", "-m", "deploy", "--app", str(self.app_dir), "trainer",
-                    "--dir", str(self.trainer_dir),
-                    "--home", group.home,
-                    "--count", str(group.count),
-                    "--run-config", str(overrides),
+                    "python",
+                    "-m",
+                    "deploy",
+                    "--app",
+                    str(self.app_dir),
+                    "trainer",
+                    "--dir",
+                    str(self.trainer_dir),
+                    "--home",
+                    group.home,
+                    "--count",
+                    str(group.count),
+                    "--run-config",
+                    str(overrides),
                 ],
                 {"CUDA_VISIBLE_DEVICES": "" if group.gpu is None else str(group.gpu)},
             )
@@ -223,7 +239,9 @@ class ProcessDeployment:
                 except TrainerUnavailable:
                     self.check_alive()
                     if time.monotonic() > deadline:
-                        raise DeployError(f"trainer {name} not ready after {timeout:.0f} s (log: {self.workdir / 'logs'})")
+                        raise DeployError(
+                            f"trainer {name} not ready after {timeout:.0f} s (log: {self.workdir / 'logs'})"
+                        ) from None
         return status
 
     def start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
@@ -251,13 +269,18 @@ class ProcessDeployment:
         """The same command in the same FLWR_HOME; what the dead node left running beneath
         it (a ClientApp mid-round) is killed first, so it cannot answer for the new node."""
         _signal_group(started.process, signal.SIGKILL)
-        line = f"{started.name} exited with code {code}; restarted (restart {started.restarts + 1}, log: {started.log_path})"
+        line = (
+            f"{started.name} exited with code {code}; "
+            f"restarted (restart {started.restarts + 1}, log: {started.log_path})"
+        )
         started.log.write(f"\n=== deploy: {line}\n")
         started.log.flush()
         print(line, flush=True)
         return dataclasses.replace(
-            started, process=self._popen(started.argv, started.env, started.log),
-            restarts=started.restarts + 1, started_at=time.monotonic(),
+            started,
+            process=self._popen(started.argv, started.env, started.log),
+            restarts=started.restarts + 1,
+            started_at=time.monotonic(),
         )
 
     def restarts(self) -> dict[str, int]:
