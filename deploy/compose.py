@@ -400,6 +400,22 @@ def _trainer(group: TrainerGroup, options: RenderOptions) -> dict[str, Any]:
         "volumes": [HF_CACHE, f"trainers:{TRAINERS}", *options.extra_volumes],
         **_gpu_reservation(group.gpu, options),
         "depends_on": {"model-fetch": {"condition": "service_completed_successfully"}},
+        # Healthy once every trainer answers on its socket, i.e. has its model loaded; the
+        # SuperNodes wait for it, so a model that cannot load stops the stack at start.
+        "healthcheck": {
+            "test": [
+                "CMD",
+                "python",
+                "-c",
+                "from pathlib import Path; from app.trainer_client import ping; "
+                "from app.trainer_protocol import trainer_name; "
+                f"[ping(Path('{TRAINERS}'), trainer_name('{group.home}', i), 5) for i in range({group.count})]",
+            ],
+            "interval": "5s",
+            "timeout": "10s",
+            "retries": 3,
+            "start_period": "900s",
+        },
     }
 
 
@@ -437,7 +453,7 @@ def _supernode(
     if options.tls_given and not first:  # on the first host, the SuperLink waits for it
         service["depends_on"]["setup"] = {"condition": "service_completed_successfully"}
     if trainer is not None:
-        service["depends_on"][trainer.name] = {"condition": "service_started"}
+        service["depends_on"][trainer.name] = {"condition": "service_healthy"}
     if first:
         service["depends_on"]["superlink"] = {"condition": "service_healthy"}
         if not options.insecure:

@@ -7,16 +7,43 @@ backend both call `fetch`; a local model folder or local data files need nothing
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from app.config import AppConfig, ConfigError
+
+
+def check_readable(folder: Path, uid: int, gids: list[int]) -> None:
+    """Refuse a model folder whose files `uid` cannot read. transformers' `save_pretrained`
+    writes weights 0600, so a model saved as root and mounted into the containers (uid 1000)
+    fails only when the trainers load it, as a FileNotFoundError from safetensors that names
+    no permission; here it is one line before anything starts. Mode bits, not os.access, so
+    that the check means the same for root (who reads anything) asking on behalf of uid 1000."""
+    paths = [folder, *sorted(folder.rglob("*"))]
+    unreadable = [p for p in paths if p.exists() and not _readable(p.stat(), uid, gids)]
+    if unreadable:
+        raise ConfigError(
+            f"model.name = {str(folder)!r}: {unreadable[0].relative_to(folder)} is not readable by uid {uid} "
+            f"({len(unreadable)} of its files or folders); on the host: chmod -R a+rX <the model folder>"
+        )
+
+
+def _readable(st: os.stat_result, uid: int, gids: list[int]) -> bool:
+    need = (stat.S_IRUSR | stat.S_IXUSR) if stat.S_ISDIR(st.st_mode) else stat.S_IRUSR
+    if uid == 0:
+        return True
+    shift = 0 if st.st_uid == uid else 3 if st.st_gid in gids else 6
+    return st.st_mode & (need >> shift) == need >> shift
 
 
 def fetch(config: AppConfig) -> list[str]:
     """What was fetched or found, one line each, for the service's log."""
     lines = []
     if config.model.is_local:
+        check_readable(Path(config.model.name), os.getuid(), [os.getgid(), *os.getgroups()])
         lines.append(f"{config.model.name}: local model, nothing to fetch")
     else:
         from huggingface_hub import snapshot_download

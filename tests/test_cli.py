@@ -2,6 +2,7 @@
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -136,3 +137,32 @@ def test_fetch_model_fills_the_caches_once_before_nodes_start(demo, tmp_path):
         f"{demo.data_file}: cached (20 rows in partition 0 of 20)",
     ]
     assert any(cache.rglob("*.arrow"))
+
+
+def test_a_model_the_containers_cannot_read_is_refused_before_anything_starts(demo, tmp_path):
+    """Weights saved as root by transformers are 0600; uid 1000 in the containers cannot load
+    them, which the trainers would report as a FileNotFoundError (seen on the H100)."""
+    from app.config import ConfigError
+    from deploy.fetch import check_readable
+
+    model = tmp_path / "model"
+    shutil.copytree(demo.model_dir, model)
+    for path in (model, *model.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    os.chown(model / "model.safetensors", 0, 0)
+    check_readable(model, 1000, [1000])  # world-readable: fine
+    check_readable(model, 0, [0])
+    (model / "model.safetensors").chmod(0o600)
+    with pytest.raises(ConfigError) as refused:
+        check_readable(model, 1000, [1000])
+    assert str(refused.value) == (
+        f"model.name = '{model}': model.safetensors is not readable by uid 1000 (1 of its files or folders); "
+        "on the host: chmod -R a+rX <the model folder>"
+    )
+    check_readable(model, 0, [0])  # its owner reads it
+    os.chown(model / "model.safetensors", 0, 1000)
+    (model / "model.safetensors").chmod(0o640)
+    check_readable(model, 1000, [1000])  # through its group
+    model.chmod(0o700)
+    with pytest.raises(ConfigError, match=r"model.name = .*: \. is not readable by uid 1000"):
+        check_readable(model, 1000, [1000])

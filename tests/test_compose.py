@@ -46,7 +46,7 @@ def test_single_host_puts_node_i_on_gpu_i_mod_g(gpus):
         assert node_config(service) == f"partition-id={i} num-partitions={NODES}"
         assert gpu_of(service) == i % gpus
         assert node_config(service, "training") == f'trainer-dir="/trainers" trainer-home="gpu{i % gpus}"'
-        assert service["depends_on"][f"trainer-gpu{i % gpus}"] == {"condition": "service_started"}
+        assert service["depends_on"][f"trainer-gpu{i % gpus}"] == {"condition": "service_healthy"}
         assert "HF_TOKEN" not in yaml.safe_dump(service)  # it loads no model
         assert service["command"][service["command"].index("--superlink") + 1] == "superlink:8000"
     assert {"setup", "superlink", "register-nodes", "serverapp", "model-fetch", "submit"} <= set(document["services"])

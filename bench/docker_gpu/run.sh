@@ -42,10 +42,11 @@ case "$1" in
     $PY -m deploy cdi-spec --out /etc/cdi/nvidia.yaml || exit 1
     stamp "images (docker/Dockerfile, offline, from the carried wheels)"
     # The carried wheels as docker/wheelhouse, with wheelhouse.sh's own requirement lists. A
-    # metadata-only uv stands in for flwr's uv (17 MB), which only runtime installs use, off here.
+    # metadata-only uv stands in for flwr's uv (17 MB), which only runtime installs use, off here;
+    # hatchling and its dependencies (pack/build/) build the project's own wheel in the image.
     rm -rf docker/wheelhouse /tmp/dkwheels && mkdir -p docker/wheelhouse /tmp/dkwheels
     tar -xJf .gpu-carry/pack/wheels.tar.xz -C /tmp/dkwheels
-    cp /tmp/dkwheels/wheels/*.whl .gpu-carry/pack/uv-*.whl docker/wheelhouse/
+    cp /tmp/dkwheels/wheels/*.whl .gpu-carry/pack/uv-*.whl .gpu-carry/pack/build/*.whl docker/wheelhouse/
     sed -n "/^\"\$PY\" - \"\$ROOT\/pyproject.toml\" \"\$DEST\" <<'PY'\$/,/^PY\$/p" docker/wheelhouse.sh | sed '1d;$d' |
       python3 - pyproject.toml docker/wheelhouse
     cat docker/wheelhouse/requirements-superlink.txt

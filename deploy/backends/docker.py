@@ -47,6 +47,9 @@ HANDLED_KEYS = frozenset(
     }
 )
 # Compose's `${VAR:-default}`: the document names a variable of the user's shell, never its value.
+# What a log says went wrong, most telling first: our own one-line refusal (`error: ...`),
+# an exception (`FileNotFoundError: ...`), a logged error (`... ERROR trainer gpu0-0 died ...`).
+ERROR_LINES = (re.compile(r"^error: "), re.compile(r"^\w*(Error|Exception): "), re.compile(r"\bERROR\b"))
 VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
 
 
@@ -177,6 +180,7 @@ class DockerDeployment:
                 "interval": _seconds_to_ns(hc["interval"]),
                 "timeout": _seconds_to_ns(hc["timeout"]),
                 "retries": hc["retries"],
+                "start_period": _seconds_to_ns(hc.get("start_period", "0s")),
             }
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         if devices:
@@ -195,13 +199,18 @@ class DockerDeployment:
         while time.monotonic() < deadline:
             container.reload()
             state = container.attrs["State"]
-            if condition == "service_healthy" and state.get("Health", {}).get("Status") == "healthy":
-                return
+            if condition == "service_healthy":
+                health = state.get("Health", {}).get("Status")
+                if health == "healthy":
+                    return
+                # A service that dies before it is healthy restarts forever under its policy
+                # while compose and we would wait out the whole start period.
+                if health == "unhealthy" or container.attrs.get("RestartCount", 0) > 0 or state["Status"] == "exited":
+                    raise DeployError(f"{service} did not become healthy: {_last_error(container)}")
             if condition == "service_completed_successfully" and state["Status"] == "exited":
                 if state["ExitCode"] == 0:
                     return
-                tail = container.logs(tail=3).decode(errors="replace").strip().splitlines()[-1:] or [""]
-                raise DeployError(f"{service} exited with code {state['ExitCode']}: {tail[0]}")
+                raise DeployError(f"{service} exited with code {state['ExitCode']}: {_last_error(container)}")
             if condition == "service_started" and state["Running"]:
                 return
             time.sleep(1)
@@ -229,6 +238,16 @@ class DockerDeployment:
         if volumes:
             for v in self.client.volumes.list(filters={"label": f"{LABEL}={self.project}"}):
                 v.remove(force=True)
+
+
+def _last_error(container: Any) -> str:
+    """The line of its log that says why (see ERROR_LINES), else its last line."""
+    lines = [line.strip() for line in container.logs(tail=200).decode(errors="replace").splitlines()] or [""]
+    for pattern in ERROR_LINES:
+        found = [line for line in lines if pattern.search(line)]
+        if found:
+            return found[-1]
+    return lines[-1]
 
 
 def prepare_host_folder(path: Path) -> None:
