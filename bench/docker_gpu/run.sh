@@ -68,12 +68,14 @@ case "$1" in
     ;;
   C)
     gemma2_host "$R/model_build.json"
+    chmod -R a+rX "$MODEL"  # transformers wrote the weights 0600; the containers run as uid 1000
     stamp "containers (deploy up --gpus 0 --gpu-request cdi), 4 rounds FedAvg then 4 FlexLoRA"
     LIMIT=540 bench docker --backend docker --gpu-request cdi
     docker ps -a --format '{{.Names}} {{.Status}}' | head -5
     ;;
   D)
     gemma2_host "$R/model_build.json"
+    chmod -R a+rX "$MODEL"
     W=/var/tmp/compose-up && rm -rf "$W" && mkdir -p "$W"
     stamp "plain docker compose up of a rendered CDI file (4 rounds), crashing a trainer and a SuperNode"
     $PY -m deploy render --gpus 0 --gpu-request cdi --out "$W" --volume "$MODEL:/model:ro" --volume "$(dirname "$DATA"):/data:ro" \
