@@ -96,8 +96,13 @@ class RunRecorder:
         self.save_every = config.train.save_every_round
         self.num_rounds = config.strategy.num_rounds
         self.aggregation = "flexlora" if config.strategy.use_flexlora else "fedavg"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / SETTINGS_JSON, dataclasses.asdict(config))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / SETTINGS_JSON, dataclasses.asdict(config))
+        except OSError as err:  # deploy checks it first; a ServerApp started otherwise says it here
+            raise ConfigError(
+                f"results.dir = '{config.results_dir}': cannot write the run folder there ({err.strerror})"
+            ) from None
         self.metrics_file = folder / "metrics.jsonl"
         # A resumed run's clock and count go on from where the state left them.
         self._started = time.monotonic() - (resumed.elapsed_seconds if resumed else 0.0)

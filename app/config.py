@@ -187,7 +187,9 @@ class AppConfig:
     resume_from: Path | None = None
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
+    def from_run_config(cls, run_config: Mapping[str, Any], local_model_here: bool = True) -> AppConfig:
+        """`local_model_here`: a local model.name is a folder on this host. False where the run
+        config names the containers' paths (a rendered stack): model-fetch checks it there."""
         get = _Reader(run_config)
         targets = tuple(t.strip() for t in get("model.lora.peft-lora-target-modules", str).split(",") if t.strip())
         if not targets:
@@ -213,7 +215,7 @@ class AppConfig:
             ),
             double_quantization=get("model.double-quantization", bool, allowed="true or false"),
         )
-        if model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
+        if local_model_here and model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
             raise ConfigError(f"model.name = {model.name!r}: no such local model folder (expected a config.json in it)")
         lr_max = get("train.learning-rate-max", float, _positive, "a number > 0")
         args = "train.training-arguments."

@@ -163,7 +163,7 @@ def restore_stored(src: Path, dest: Path, drop: list[str]) -> tuple[int, int]:
                 continue
             data = zin.read(name)
             if name.endswith(".dist-info/RECORD") and dropped:
-                lines = [l for l in data.decode().splitlines() if l.split(",", 1)[0] not in dropped]
+                lines = [line for line in data.decode().splitlines() if line.split(",", 1)[0] not in dropped]
                 data = ("\n".join(lines) + "\n").encode()
             info = zipfile.ZipInfo(name, date_time=zin.getinfo(name).date_time)
             info.external_attr = zin.getinfo(name).external_attr

@@ -1,4 +1,4 @@
-"""One process, no Flower: load the model (NF4 + LoRA) our way or the FlowerTune template's way, and train a few steps.
+r"""One process, no Flower: load the model (NF4 + LoRA) our way or the FlowerTune template's way, and train a few steps.
 
 Checks the GPU stack (transformers/peft there, bitsandbytes carried) before the federated
 smoke run, and measures load time, memory after load, peak memory and tokens/s with the
@@ -11,14 +11,18 @@ Variants (the training loop below is the same for both):
             peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=...) first
             (it upcasts every non-4-bit parameter, the 256k-row embedding too, to float32)
 
-Device commands (inside bench/memory/ours_vs_template.sh; the earlier gpu_call1.sh, gpu_memory_side_by_side.sh and gpu_reentrant_ab.sh are in git history):
-    PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --json $OUT/qlora_check.json
-    PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random --variant template --checkpointing off --json $OUT/D.json
+Device commands (inside bench/memory/ours_vs_template.sh; the earlier gpu_call1.sh,
+gpu_memory_side_by_side.sh and gpu_reentrant_ab.sh are in git history):
+    PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random \
+        --json $OUT/qlora_check.json
+    PYTHONPATH=.:/tmp/bnb-site python bench/qlora_step_check.py --model /var/tmp/gemma2-9b-random \
+        --variant template --checkpointing off --json $OUT/D.json
 Options:
   --seed N      torch.manual_seed(N) before the model is built, so LoRA init and dropout
                 masks are the same in every process and the losses can be compared
 CPU check of the logic (no quantization, tiny model):
-    PYTHONPATH=. python bench/qlora_step_check.py --model .gpu-carry/demo/tiny-gemma2 --quantization 0 --seq 32 --variant template
+    PYTHONPATH=. python bench/qlora_step_check.py --model .gpu-carry/demo/tiny-gemma2 --quantization 0 --seq 32 \
+        --variant template
 """
 
 from __future__ import annotations

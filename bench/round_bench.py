@@ -1,4 +1,4 @@
-"""Seconds per round of our deployment, with their breakdown, for the side-by-side benchmark.
+r"""Seconds per round of our deployment, with their breakdown, for the side-by-side benchmark.
 
 Starts the topology `deploy run` would (`ProcessDeployment`: a SuperLink, 20 SuperNodes
 and, unless --trainers-per-gpu 0, the warm trainers of each GPU), then submits one run
@@ -11,7 +11,8 @@ the ClientApp handler outside training: queueing for a trainer, data, model load
 in and out), `aggregation` (FedAvg/FlexLoRA plus any checkpoint) and `exchange` (the rest:
 Flower's polling, ClientApp process start and imports, message transfer).
 
-    python bench/round_bench.py --label warm-1gpu --gpus 0 --model DIR --data FILE --runs fedavg,flexlora --json OUT.json
+    python bench/round_bench.py --label warm-1gpu --gpus 0 --model DIR --data FILE --runs fedavg,flexlora \
+        --json OUT.json
     python bench/round_bench.py --label scale-4gpu --gpus 0,1,2,3 --fit-trainers --runs fedavg,fedavg@0.5 ...
 
 `--backend docker` starts the same topology as containers (`deploy up --no-submit`, images
@@ -263,7 +264,8 @@ def main() -> None:
         with stack as (cli, inside):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
             print(
-                f"[{args.label}] deployment up in {result['startup-seconds']} s, {result['trainers-per-gpu']} trainers per GPU",
+                f"[{args.label}] deployment up in {result['startup-seconds']} s, "
+                f"{result['trainers-per-gpu']} trainers per GPU",
                 flush=True,
             )
             sampler.take(gpus)

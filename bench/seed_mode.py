@@ -1,4 +1,4 @@
-"""What one round of the seed's Simulation Engine run costs on one GPU: the baseline of the side-by-side benchmark.
+r"""What one round of the seed's Simulation Engine run costs on one GPU: the baseline of the side-by-side benchmark.
 
 The seed ran the FlowerTune LLM template (General NLP) under Flower's Simulation Engine:
 Ray actors with one whole GPU each (`client-resources.num-gpus = 1.0`), so on one GPU the
@@ -36,10 +36,15 @@ Device command (one H100; bench/gpu_setup.sh makes the venv with datasets, flwr-
 bitsandbytes, and both setup steps reuse what a warm machine kept in /var/tmp). FedAvg, 4
 rounds, should take ~8 of the 10 minutes a call may run; FlexLoRA's dense step adds ~90 s a
 round, so run it second, on the warm machine, with --flexlora --rounds 3 --json $OUT/seed_flexlora.json:
-    run(command="bash bench/gpu_setup.sh /var/tmp/ftvenv && python3 bench/make_random_gemma2.py --out /var/tmp/gemma2-9b-random --tokenizer .gpu-carry/tokenizer && PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /var/tmp/ftvenv/bin/python bench/seed_mode.py --model /var/tmp/gemma2-9b-random --data-files .gpu-carry/smoke-alpaca.json --quantization 4 --json $OUT/seed_fedavg.json",
+    run(command="bash bench/gpu_setup.sh /var/tmp/ftvenv && python3 bench/make_random_gemma2.py \
+        --out /var/tmp/gemma2-9b-random --tokenizer .gpu-carry/tokenizer && PYTHONPATH=. HF_HUB_OFFLINE=1 \
+        HF_DATASETS_OFFLINE=1 /var/tmp/ftvenv/bin/python bench/seed_mode.py --model /var/tmp/gemma2-9b-random \
+        --data-files .gpu-carry/smoke-alpaca.json --quantization 4 --json $OUT/seed_fedavg.json",
         carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
 CPU dry run (tiny demo model from deploy/demo.py, no quantization, float32):
-    PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python bench/seed_mode.py --model /tmp/seeddemo/tiny-gemma2 --data-files /tmp/seeddemo/alpaca.json --quantization 0 --rounds 2 --max-steps 2 --seq-length 64 --json /tmp/seed_fedavg.json
+    PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python bench/seed_mode.py --model /tmp/seeddemo/tiny-gemma2 \
+        --data-files /tmp/seeddemo/alpaca.json --quantization 0 --rounds 2 --max-steps 2 --seq-length 64 \
+        --json /tmp/seed_fedavg.json
 """
 
 from __future__ import annotations

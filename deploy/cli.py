@@ -78,12 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         done = ResumeState.read(config.resume_from, config).round
         print(f"Resuming {config.resume_from} after round {done} of {config.strategy.num_rounds}.")
     topology = _plan(args, config, superlink_port=args.port or free_port())
-    if config.model.quantization and all(node.gpu is None for node in topology.nodes):
-        # Every client would fail and every round keep the old adapter: stop before starting.
-        raise ConfigError(
-            f"model.quantization = {config.model.quantization}: needs CUDA GPUs, and this layout has none; "
-            "use model.quantization=0"
-        )
+    _check_layout(config, topology)
+    check_results_dir(config.results_dir)
     print(topology.table())
     workdir = args.workdir or args.app / ".deploy"
     with ProcessDeployment(topology, workdir, os.environ, app_dir=args.app, run_config=sent) as deployment:
@@ -99,18 +95,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished:completed" else 1
 
 
+def _check_layout(config: AppConfig, topology: Topology) -> None:
+    """Every client would fail and every round keep the old adapter: stop before starting."""
+    if config.model.quantization and all(node.gpu is None for node in topology.nodes):
+        raise ConfigError(
+            f"model.quantization = {config.model.quantization}: needs CUDA GPUs, and this layout has none; "
+            "use model.quantization=0"
+        )
+
+
+def check_results_dir(folder: Path) -> None:
+    """The ServerApp writes every round here; a folder it cannot write would stop the run
+    after the whole deployment started. Checked for the process that runs the check."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is not a folder" if existing == folder else f"cannot be made: {existing} is not a folder"
+        raise ConfigError(f"results.dir = '{folder}': {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" ({existing}, where it would be made)"
+        raise ConfigError(f"results.dir = '{folder}': not writable by uid {os.getuid()}{where}")
+
+
 def _stack_config(args: argparse.Namespace) -> tuple[dict, AppConfig]:
     """The overrides a stack's trainers and `submit` service run with, checked."""
     return resolve_run_config(args.app, parse_overrides(args.run_config))
 
 
 def _topology(args: argparse.Namespace) -> Topology:
-    """Paths in a stack's run config are the containers' (e.g. /demo/model): only the
-    layout's own settings are read here, the app checks the rest where it runs."""
-    overrides = parse_overrides(args.run_config)
-    layout = {k: v for k, v in overrides.items() if k == "train.max-trainings-per-gpu"}
-    _, config = resolve_run_config(args.app, layout)
-    return _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)
+    """A stack's layout, after the checks `deploy run` makes, so that `render`, `kit` and `up`
+    refuse a bad run config before writing or starting anything. Paths in it are the
+    containers' (e.g. /model): the model folder is checked where it is read (model-fetch)."""
+    _, config = resolve_run_config(args.app, parse_overrides(args.run_config), local_model_here=False)
+    topology = _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)
+    _check_layout(config, topology)
+    return topology
 
 
 def _render_options(args: argparse.Namespace) -> RenderOptions:
@@ -124,8 +142,9 @@ def _render_options(args: argparse.Namespace) -> RenderOptions:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    topology = _topology(args)  # checked before the folder is made: a refusal leaves nothing
     args.out.mkdir(parents=True, exist_ok=True)
-    for path in write(_topology(args), args.out, _render_options(args)):
+    for path in write(topology, args.out, _render_options(args)):
         print(path)
     return 0
 
@@ -180,13 +199,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             "warning: HF_TOKEN is set but not passed on; give the stack a file: HF_TOKEN_FILE=/path/to/token",
             file=sys.stderr,
         )
+    # Bound at /app/results, where `setup` hands it to uid 1000; checked before the engine is asked.
+    check_results_dir((args.dir or args.app) / "results")
     deployment, topology = _docker(args)
     client = deployment.client
     if args.build or outdated_images(client, args.app):
         print("Building images (docker/Dockerfile); the torch layer is reused when only code changed ...")
         build_images(args.app, args.base_image, args.torch)
     # The `setup` service prepares results, CA and keys, as under `docker compose up`.
-    deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
+    try:
+        deployment.up(skip=frozenset({"submit"}) if args.no_submit else frozenset())
+    except DeployError as failed:
+        started = len(deployment.containers())
+        raise DeployError(
+            f"{failed}; {started} containers of this stack are left for their logs (`deploy logs SERVICE`): "
+            "`deploy down` with the same options removes them"
+        ) from None
     ca = None if args.insecure else TlsFiles.in_folder(deployment.compose_dir / ".deploy" / "certs").ca_cert
     connection = Connection(args.connection, f"127.0.0.1:{topology.superlink_port}", ca)
     flwr_home = _flwr_home()

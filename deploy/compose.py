@@ -87,9 +87,7 @@ def write(topology: Topology, folder: Path, options: RenderOptions = RenderOptio
 
 def _host_document(topology: Topology, host: str, options: RenderOptions) -> dict[str, Any]:
     first = host == topology.superlink_host
-    target = (
-        f"superlink:{topology.superlink_port}" if first else f"{topology.superlink_address}:{topology.superlink_port}"
-    )
+    target = f"superlink:{topology.superlink_port}" if first else topology.superlink_endpoint
     services: dict[str, Any] = {}
     if first or options.tls_given:
         services["setup"] = _setup(topology, first, options)

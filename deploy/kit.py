@@ -186,7 +186,7 @@ def _readme(topology: Topology, kit: Kit, images: str, options: RenderOptions) -
 def _readme_lines(topology: Topology, kit: Kit, images: str, options: RenderOptions) -> Iterator[str]:
     first = kit.host == topology.superlink_host
     nodes = topology.nodes_on(kit.host)
-    address = f"{topology.superlink_address}:{topology.superlink_port}"
+    address = topology.superlink_endpoint
     role = "the SuperLink, the ServerApp and " if first else ""
     yield f"# Kit for {kit.host}: {role}{len(nodes)} SuperNodes"
     yield ""

@@ -36,7 +36,9 @@ def default_run_config(app_dir: Path) -> dict[str, Any]:
     return flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
 
 
-def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, Any], AppConfig]:
+def resolve_run_config(
+    app_dir: Path, overrides: Mapping[str, Any], local_model_here: bool = True
+) -> tuple[dict[str, Any], AppConfig]:
     """Returns only the overrides to send (relative paths made absolute) and the checked config.
 
     The ServerApp and ClientApps run in other working directories (or containers), so
@@ -56,4 +58,4 @@ def resolve_run_config(app_dir: Path, overrides: Mapping[str, Any]) -> tuple[dic
         sent["model.name"] = absolute(str(merged["model.name"]))
     if merged["dataset.data-files"]:
         sent["dataset.data-files"] = ",".join(absolute(f.strip()) for f in str(merged["dataset.data-files"]).split(","))
-    return sent, AppConfig.from_run_config({**defaults, **sent})
+    return sent, AppConfig.from_run_config({**defaults, **sent}, local_model_here)

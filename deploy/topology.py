@@ -6,6 +6,7 @@ the layout, so every backend runs the same federation.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Sequence
@@ -21,6 +22,23 @@ SUPERNODE_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 class LayoutError(ValueError):
     """A layout request that cannot be honoured; the message is one line."""
+
+
+def _address(text: str) -> str:
+    """A host name, an IPv4 address, or an IPv6 address bare or in brackets (kept bare: the
+    certificate names it so, and `superlink_endpoint` adds the brackets a dialler needs)."""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        if ipaddress.ip_address(bare).version == 6:
+            return bare
+    except ValueError:
+        pass
+    if HOSTNAME.fullmatch(text):
+        return text
+    raise LayoutError(
+        f"--superlink-address {text!r}: expected a host name, an IPv4 address or an IPv6 address "
+        "(bare or in [...]), without a port (the port is --port)"
+    )
 
 
 # A DNS name or an IPv4 address: it becomes a compose file name, a certificate name and an address.
@@ -102,6 +120,12 @@ class Topology:
     def superlink_host(self) -> str:
         return self.hosts[0].name
 
+    @property
+    def superlink_endpoint(self) -> str:
+        """What other hosts dial: `host:port`, or `[v6]:port` for an IPv6 address."""
+        address = self.superlink_address
+        return f"[{address}]:{self.superlink_port}" if ":" in address else f"{address}:{self.superlink_port}"
+
     def nodes_on(self, host: str) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.host == host)
 
@@ -165,8 +189,8 @@ def plan(
     if not hosts:
         raise LayoutError("no hosts: name at least one")
     names = [h.name for h in hosts]
-    if len(set(names)) != len(names):
-        raise LayoutError(f"hosts {names}: names must be distinct")
+    if len({n.lower() for n in names}) != len(names):
+        raise LayoutError(f"hosts {names}: names must be distinct (host names are case-insensitive)")
     slots = [(h.name, g) for h in hosts for g in (h.gpus or (None,))]
     nodes = tuple(Node(i, num_nodes, *slots[i % len(slots)]) for i in range(num_nodes))
     groups = tuple(
@@ -175,8 +199,6 @@ def plan(
         if (count := trainers_per_gpu(h, nodes_per_round, trainers))
         for g in (h.gpus or (None,))
     )
-    if superlink_address is not None and not HOSTNAME.fullmatch(superlink_address):
-        raise LayoutError(
-            f"--superlink-address {superlink_address!r}: expected a host name or IP without a port (the port is --port)"
-        )
+    if superlink_address is not None:
+        superlink_address = _address(superlink_address)
     return Topology(tuple(hosts), nodes, superlink_address or hosts[0].name, superlink_port, groups)

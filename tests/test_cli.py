@@ -57,7 +57,8 @@ def test_plan_prints_node_partition_host_gpu_trainer():
         (["--run-config", "model.lora.peft-lora-alpha=sixteen"], "error: --run-config 'model.name="),
         (
             ["--run-config", "static.strategy.fraction-train=0.15"],
-            "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 (leaderboard=false allows it",
+            "error: static.strategy.fraction-train = 0.15: a static leaderboard setting, fixed at 0.1 "
+            "(leaderboard=false allows it",
         ),
         (
             ["--run-config", "model.quantization=4"],
@@ -81,7 +82,8 @@ def test_bad_input_stops_before_anything_starts(demo, args, message, reliability
     [
         (
             'model.name="no-org/no-such-model"',
-            "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) and not fetched from the hub: ",
+            "error: model.name = 'no-org/no-such-model': not a local folder (write ./path or /path) "
+            "and not fetched from the hub: ",
         ),
         (
             'dataset.data-files="/no/such.json"',
@@ -93,11 +95,13 @@ def test_bad_input_stops_before_anything_starts(demo, args, message, reliability
         ),
         (
             'dataset.data-files="{bad}/no-output.json"',
-            "error: dataset.data-files = '{bad}/no-output.json': rows have no 'output'; each row needs 'instruction' and 'output'",
+            "error: dataset.data-files = '{bad}/no-output.json': rows have no 'output'; "
+            "each row needs 'instruction' and 'output'",
         ),
         (
             'dataset.data-files="{bad}/three-rows.json"',
-            "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: some partitions would be empty",
+            "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: "
+            "some partitions would be empty",
         ),
     ],
 )

@@ -251,7 +251,7 @@ def test_layout_errors_are_one_line(reliability):
         assert_refused(
             reliability,
             f"--superlink-address {bad!r}",
-            r"^--superlink-address .*: expected a host name or IP without a port",
+            r"^--superlink-address .*: expected a host name, an IPv4 address or an IPv6 address",
             plan,
             NODES,
             [Host("a")],

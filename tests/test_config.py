@@ -69,7 +69,8 @@ def test_template_key_names_are_canonical():
         ("model.lora.r", "model.lora.r: not a setting of this app; renamed to model.lora.peft-lora-r"),
         (
             "train.batch-size",
-            "train.batch-size: not a setting of this app; renamed to train.training-arguments.per-device-train-batch-size",
+            "train.batch-size: not a setting of this app; "
+            "renamed to train.training-arguments.per-device-train-batch-size",
         ),
         (
             "strategy.fraction-train",
@@ -82,7 +83,8 @@ def test_template_key_names_are_canonical():
         ),
         (
             "train.training-arguments.num-train-epochs",
-            "train.training-arguments.num-train-epochs: not a setting of this app; not a setting here: training stops after train.training-arguments.max-steps",
+            "train.training-arguments.num-train-epochs: not a setting of this app; "
+            "not a setting here: training stops after train.training-arguments.max-steps",
         ),
         ("zzz", "zzz: not a setting of this app; see [tool.flwr.app.config] in pyproject.toml"),
     ],

@@ -228,7 +228,8 @@ def test_a_supernode_killed_while_it_trains_is_restarted_and_the_run_completes(d
         "fault",
         f"a SuperNode SIGKILLed while it trains round 2 of 3 ({nodes} nodes, all sampled)",
         f"round 2 aggregated {len(by_partition[1])} partitions and recorded the killed node's as failed "
-        f"({failure['reason']}); the node restarted {sum(restarts.values())} time; round 3 trained {len(by_partition[2])} partitions",
+        f"({failure['reason']}); the node restarted {sum(restarts.values())} time; "
+        f"round 3 trained {len(by_partition[2])} partitions",
         rounds_lost=_rounds_lost(3, rounds),
     )
 
@@ -260,7 +261,8 @@ def test_a_killed_serverapp_is_resumed_from_its_last_completed_round(deployment,
         "fault",
         "the ServerApp SIGKILLed after round 2 of 3, then the run resumed with results.resume-from",
         f"resumed in the same folder; rounds {kept} kept unchanged in metrics.jsonl, "
-        f"round {rounds[-1]['round']} trained; resume.json at round {json.loads((run_dir / 'resume.json').read_text())['round']}",
+        f"round {rounds[-1]['round']} trained; "
+        f"resume.json at round {json.loads((run_dir / 'resume.json').read_text())['round']}",
         rounds_lost=_rounds_lost(3, rounds) + len(before) - len(kept),
     )
 
@@ -540,7 +542,8 @@ def test_a_run_in_which_every_client_fails_does_not_complete(deployment, demo, t
     assert "ServerApp stopped: no round aggregated an update" in shown, shown
     reliability.record(
         "bad input",
-        f"model.quantization = 4 sent to CPU nodes past the deploy tool, as a plain flwr run would ({_layout(deployment)})",
+        "model.quantization = 4 sent to CPU nodes past the deploy tool, "
+        f"as a plain flwr run would ({_layout(deployment)})",
         f"run {status}; round 1: {len(line['clients'])} updates, {len(line['failed'])} failed; "
         f"the log says: {shown[shown.index('ServerApp stopped') :].splitlines()[0].replace(str(run_dir), '$RUN')}",
     )

@@ -5,11 +5,16 @@ restart policy starts it again and again (a trainer whose model cannot load, on 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from deploy.backends.docker import DockerDeployment
+import docker
+from deploy.backends.docker import LABEL, DockerDeployment
+from deploy.compose import PROJECT
 from deploy.errors import DeployError
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -49,3 +54,37 @@ def test_a_service_that_dies_before_it_is_healthy_stops_up_with_its_cause(docker
     finally:
         deployment.down()
     assert deployment.containers() == []
+
+
+def test_an_up_that_fails_part_way_names_the_cause_and_the_way_to_clean_up(docker_engine, tmp_path, reliability):
+    """A model folder missing in the containers: `model-fetch` refuses it, and `deploy up` says
+    so in one line with what is left and the command that removes it."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    layout = [
+        "--gpus",
+        "",
+        "--insecure",
+        "--dir",
+        str(tmp_path),
+        "--run-config",
+        "model.name='/missing' model.quantization=0",
+    ]
+    deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT)]
+    try:
+        up = subprocess.run(
+            [*deploy, "up", *layout, "--no-submit", "--base-image", docker_engine],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert up.returncode == 2, up.stderr
+        (line,) = up.stderr.strip().splitlines()
+        assert line.startswith(
+            "error: model-fetch exited with code 2: error: model.name = '/missing': no such local model folder"
+        ), line
+        assert line.endswith("`deploy down` with the same options removes them"), line
+    finally:
+        down = subprocess.run([*deploy, "down", *layout], capture_output=True, text=True, env=env)
+    assert down.returncode == 0, down.stderr
+    assert docker.from_env().containers.list(all=True, filters={"label": f"{LABEL}={PROJECT}"}) == []
+    reliability.record("bad input", "deploy up whose model folder is missing in the containers", f"exit 2: {line}")

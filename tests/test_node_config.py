@@ -127,6 +127,7 @@ def test_hand_started_nodes_own_data_a_bad_partition_id_and_a_repeated_one(deplo
     reliability.record(
         "bad input",
         "a SuperNode started by hand with node config partition-id=1, which a deployed node trains",
-        f"round 1 refused the later node's update ({repeat['reason'].replace(str(owner), 'N')}) and aggregated partition 1 once; "
+        f"round 1 refused the later node's update ({repeat['reason'].replace(str(owner), 'N')}) "
+        "and aggregated partition 1 once; "
         "round 2 did not sample it",
     )

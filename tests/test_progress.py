@@ -13,9 +13,12 @@ pytestmark = pytest.mark.unit
 
 LINES = [
     "\x1b[92mINFO \x1b[0m:      Starting logstream\n",
-    "\x1b[92mINFO \x1b[0m:      round 1/3: partition 4: loss 6.3 in 1.0 s; aggregate loss 6.3; 9.0 s, elapsed 9 s, ETA 18 s\n",
-    "\x1b[92mINFO \x1b[0m:      round 2/3: partition 7: loss 6.2 in 1.0 s; aggregate loss 6.2; 8.0 s, elapsed 17 s, ETA 8 s\n",
-    "\x1b[92mINFO \x1b[0m:      round 3/3: partition 1: loss 6.1 in 1.0 s; aggregate loss 6.1; 8.0 s, elapsed 25 s, ETA 0 s\n",
+    "\x1b[92mINFO \x1b[0m:      round 1/3: partition 4: loss 6.3 in 1.0 s; "
+    "aggregate loss 6.3; 9.0 s, elapsed 9 s, ETA 18 s\n",
+    "\x1b[92mINFO \x1b[0m:      round 2/3: partition 7: loss 6.2 in 1.0 s; "
+    "aggregate loss 6.2; 8.0 s, elapsed 17 s, ETA 8 s\n",
+    "\x1b[92mINFO \x1b[0m:      round 3/3: partition 1: loss 6.1 in 1.0 s; "
+    "aggregate loss 6.1; 8.0 s, elapsed 25 s, ETA 0 s\n",
 ]
 
 

@@ -286,7 +286,8 @@ def write_markdown(path: Path, summary, start_loss, s: dict) -> None:
         "",
         "![eval loss per round](eval_loss.png)",
         "",
-        "| method | final held-out loss, mean ± std | min - max over seeds | minus FedAvg, paired: mean (seeds < 0) | start loss |",
+        "| method | final held-out loss, mean ± std | min - max over seeds "
+        "| minus FedAvg, paired: mean (seeds < 0) | start loss |",
         "| --- | --- | --- | --- | --- |",
     ]
     for m, r in summary.items():
@@ -306,11 +307,15 @@ def write_markdown(path: Path, summary, start_loss, s: dict) -> None:
         f"- Data: {s['train_rows']} generated Alpaca rows ({', '.join(TASKS)}; 2-5 of the demo's 24 words), "
         f"IidPartitioner over {s['partitions']} partitions; held-out: {s['eval_rows']} rows of the same tasks with "
         f"instructions not in training. Example: `{s['example_rows'][0]}`.",
-        f"- Federation: seeds {a['seeds']} (train.seed = seed), {a['rounds']} rounds, {a['clients']} of {s['partitions']} "
+        f"- Federation: seeds {a['seeds']} (train.seed = seed), {a['rounds']} rounds, "
+        f"{a['clients']} of {s['partitions']} "
         "partitions per round drawn by random.Random(seed), the same draws for every method; weights = partition rows.",
-        f"- Training (app.train.train_round): LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} dropout={s['lora']['dropout']} "
-        f"on {','.join(s['lora']['target_modules'])}; {a['steps']} steps x batch {a['batch']} x accumulation {s['grad_accum']}, "
-        f"seq-length {s['seq_length']}; lr cosine over rounds {a['lr_max']} -> {a['lr_min']}, constant in a round, fresh AdamW.",
+        f"- Training (app.train.train_round): LoRA r={s['lora']['r']} alpha={s['lora']['alpha']} "
+        f"dropout={s['lora']['dropout']} "
+        f"on {','.join(s['lora']['target_modules'])}; {a['steps']} steps x batch {a['batch']} "
+        f"x accumulation {s['grad_accum']}, "
+        f"seq-length {s['seq_length']}; lr cosine over rounds {a['lr_max']} -> {a['lr_min']}, "
+        "constant in a round, fresh AdamW.",
         "- Loss: token-weighted cross-entropy on the response tokens (labels as tokenize_partition makes them) of the "
         "aggregated adapter, model in eval mode. `results.json`: every method, seed and round.",
         "",

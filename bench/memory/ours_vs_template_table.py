@@ -1,6 +1,7 @@
-"""Combine the per-run JSONs of ours_vs_template.sh into ours_vs_template.json and ours_vs_template.txt.
+r"""Combine the per-run JSONs of ours_vs_template.sh into ours_vs_template.json and ours_vs_template.txt.
 
-    python bench/memory/ours_vs_template_table.py --runs /tmp/ovt --smi-dir /tmp/ovt/smi --out $OUT --build /tmp/model_build.json
+    python bench/memory/ours_vs_template_table.py --runs /tmp/ovt --smi-dir /tmp/ovt/smi --out $OUT \
+        --build /tmp/model_build.json
 
 Runs are named by configuration letter and repeat number (A1, C1, A2, C2, B1, D1, ...):
   A ours (app.models.build_model), checkpointing on    B ours, off

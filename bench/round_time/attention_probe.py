@@ -1,4 +1,4 @@
-"""One client's round with a given attention kernel and 4-bit kind: per-step losses, tokens/s, peak memory.
+r"""One client's round with a given attention kernel and 4-bit kind: per-step losses, tokens/s, peak memory.
 
 The deployments in bench/round_time/side_by_side.sh D measure speed in the mode that runs (two
 trainers per GPU), but their sampled partitions differ from run to run, so their losses
@@ -6,7 +6,8 @@ cannot show that flex_attention computes what eager does. This probe trains one 
 partition from the same initial adapter with the production code (`app.models.build_model`,
 `app.train.build_trainer`), so two calls differ only in the setting under test.
 
-    python bench/round_time/attention_probe.py --model DIR --data FILE --run-config "model.attention='flex_attention'" --json OUT.json
+    python bench/round_time/attention_probe.py --model DIR --data FILE \
+        --run-config "model.attention='flex_attention'" --json OUT.json
 """
 
 from __future__ import annotations

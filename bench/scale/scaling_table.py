@@ -59,8 +59,10 @@ def main() -> None:
     rows = [row(folder, *spec) for spec in RUNS]
     base = {r["fraction"]: r["round"] for r in rows if r["gpus"] == 1}
     lines = [
-        "| GPUs | fraction (nodes a round) | trainers per GPU | median round, s (rounds 2-4) | training | client start (incl. queueing) "
-        "| aggregation | exchange | speed-up | efficiency | clients queued for a trainer | borrowed another GPU's trainer "
+        "| GPUs | fraction (nodes a round) | trainers per GPU | median round, s (rounds 2-4) | training "
+        "| client start (incl. queueing) "
+        "| aggregation | exchange | speed-up | efficiency | clients queued for a trainer "
+        "| borrowed another GPU's trainer "
         "| peak memory per GPU, GiB | start-up, s | call |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
