@@ -11,7 +11,7 @@ from pathlib import Path
 
 from app.config import AppConfig, ConfigError
 from app.evaluation import EvaluationError
-from deploy import cdi, evaluation, stack_steps
+from deploy import cdi, evaluation, stack_steps, supernode
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
@@ -371,6 +371,7 @@ def parser() -> argparse.ArgumentParser:
 
     evaluation.add_command(commands)
     cdi.add_command(commands)
+    supernode.add_command(commands)
     stack_steps.add_commands(commands)
     return root
 

@@ -44,6 +44,7 @@ def shown(snippets: list[str]) -> list[tuple[str | None, list[str]]]:
     for line in (line for snippet in snippets for line in snippet.splitlines()):
         for match in DEPLOY.finditer(line):
             rest = re.split(r"\s#|&&|;|\||`|\bdeploy\b", line[match.end() :])[0].split()
+            rest = rest[: rest.index("--")] if "--" in rest else rest  # after it: another program's options
             options = [m[0] for m in (re.match(r"--[a-z][a-z0-9-]*", t) for t in rest) if m]
             if rest and COMMAND.fullmatch(first := rest[0].rstrip(":,.)")):
                 found += [(command, options) for command in first.split("/")]

@@ -166,3 +166,24 @@ def test_a_bad_gpu_list_in_host_names_the_host_option():
     done = deploy("plan", "--host", "gpu-a=x")
     one_line(done, "error: --host 'gpu-a=x'")
     assert "--gpus" not in done.stderr
+
+
+@pytest.mark.parametrize("partition", ["20", "-1"])
+def test_a_hand_started_supernode_with_a_bad_partition_is_refused_before_it_joins(partition, reliability):
+    node_config = f"partition-id={partition} num-partitions=20"
+    done = deploy("supernode", "--", "--superlink", "127.0.0.1:1", "--insecure", "--node-config", node_config)
+    one_line(done, f"error: partition-id = {partition}: must be an integer in [0, 19]")
+    reliability.record("bad input", f"deploy supernode --node-config '{node_config}'", f"exit 2: {done.stderr.strip()}")
+
+
+def test_a_hand_started_supernode_with_a_good_node_config_becomes_flower_supernode():
+    node = subprocess.Popen(
+        [sys.executable, "-m", "deploy", "--app", str(ROOT), "supernode", "--", "--superlink", "127.0.0.1:1",
+         "--insecure", "--node-config", "partition-id=3 num-partitions=20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert "Starting Flower SuperNode" in node.stdout.readline()  # Flower's first line: it replaced us
+    finally:
+        node.kill()
+        node.wait(30)
