@@ -139,6 +139,7 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "queue-seconds": round(c.get("queue-seconds", 0.0), 2),
                         "trainer-overflow": bool(c.get("trainer-overflow", False)),
                         "peak-gpu-bytes": c.get("peak-gpu-bytes", 0),
+                        "rows-without-label": c.get("rows-without-label", 0),
                     }
                     for c in clients
                 ],
@@ -178,6 +179,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             "budget": BUDGET_BYTES,
             "share-of-budget": (to_clients + from_clients) / BUDGET_BYTES,
         },
+        # Rows a node's partition has with nothing to learn (`app.dataset.tokenize_partition`),
+        # as each partition last reported them.
+        "rows-without-label": {
+            str(c["partition-id"]): c["rows-without-label"] for c in clients if c["rows-without-label"]
+        },
         # Scores that `deploy eval` added to an earlier summary survive a rewrite.
         "evaluation": evaluation,
         "rounds": rows,
@@ -208,6 +214,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"per client and round), {100 * b['share-of-budget']:.5f} % of the FlowerTune budget of {_size(b['budget'])}",
         "",
     ]
+    if summary["rows-without-label"]:
+        counts = ", ".join(f"partition {p}: {n}" for p, n in summary["rows-without-label"].items())
+        lines[-1:-1] = [f"- rows with nothing to learn, left out of training: {counts}"]
     if summary["evaluation"]:
         lines += ["| evaluation | accuracy |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in summary["evaluation"].items()] + [""]
