@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -23,9 +22,9 @@ from flwr.common import log
 from safetensors.torch import load_file, save_file
 
 from app.config import AppConfig, ConfigError, ModelSettings
-from app.durable import fsync_path, replace_folder, write_durably
+from app.durable import append_line, fsync_path, replace_folder, write_durably
 from app.models import lora_config
-from app.report import SETTINGS_JSON, progress_line, write_plots, write_summary
+from app.report import METRICS_JSONL, SETTINGS_JSON, progress_line, read_metrics, write_plots, write_summary
 from app.strategy import RoundReport
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -60,13 +59,17 @@ class ResumeState:
     adapter: dict[str, torch.Tensor]
     elapsed_seconds: float
     rounds_aggregated: int
+    metrics_dropped: str | None = None  # the line that says metrics.jsonl's cut last line is left out
 
     @classmethod
     def read(cls, run_dir: Path, config: AppConfig) -> ResumeState:
-        """The state `RunRecorder` left, checked against the settings that continue it."""
+        """The state `RunRecorder` left, checked against the settings that continue it; its
+        metrics file is checked first, so that one damaged beyond a cut last line stops the
+        run before anything starts (`deploy run --resume` reads this before starting)."""
         where = f"results.resume-from = '{run_dir}'"
         if not (run_dir / RESUME_JSON).is_file():
             raise ConfigError(f"{where}: no {RESUME_JSON} there (a run folder writes it after its first round)")
+        metrics = read_metrics(run_dir)
         state = json.loads((run_dir / RESUME_JSON).read_text())
         before = json.loads((run_dir / SETTINGS_JSON).read_text())
         now = json.loads(json.dumps(dataclasses.asdict(config), default=str))
@@ -83,7 +86,7 @@ class ResumeState:
                 "raise num-server-rounds to train on"
             )
         adapter = load_file(str(run_dir / STATE_DIR / f"round-{state['round']}" / ADAPTER_WEIGHTS))
-        return cls(state["round"], adapter, state["elapsed-seconds"], state["rounds-aggregated"])
+        return cls(state["round"], adapter, state["elapsed-seconds"], state["rounds-aggregated"], metrics.dropped)
 
 
 class RunRecorder:
@@ -103,7 +106,7 @@ class RunRecorder:
             raise ConfigError(
                 f"results.dir = '{config.results_dir}': cannot write the run folder there ({err.strerror})"
             ) from None
-        self.metrics_file = folder / "metrics.jsonl"
+        self.metrics_file = folder / METRICS_JSONL
         # A resumed run's clock and count go on from where the state left them.
         self._started = time.monotonic() - (resumed.elapsed_seconds if resumed else 0.0)
         self.rounds_aggregated = resumed.rounds_aggregated if resumed else 0
@@ -111,13 +114,15 @@ class RunRecorder:
             self._drop_rounds_after(resumed.round)
 
     def _drop_rounds_after(self, last: int) -> None:
-        """Lines of a round whose state was never saved (the server died in between) go:
-        the resumed run trains that round again."""
-        if self.metrics_file.is_file():
-            lines = self.metrics_file.read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["round"] <= last]
-            if len(kept) != len(lines):
-                write_durably(self.metrics_file, "".join(line + "\n" for line in kept).encode())
+        """Lines of a round whose state was never saved (the server died in between) go, and
+        so does a cut last line, which the next append would otherwise run on from: the
+        resumed run trains that round again."""
+        metrics = read_metrics(self.folder)
+        kept = [r for r in metrics.rounds if r["round"] <= last]
+        if metrics.dropped:
+            log(WARNING, "%s", metrics.dropped)
+        if metrics.dropped or len(kept) != len(metrics.rounds):
+            write_durably(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def save_state(self, server_round: int, arrays: ArrayRecord) -> None:
         """After every round: the adapter, then resume.json pointing at it, then the older one goes."""
@@ -158,10 +163,7 @@ class RunRecorder:
             "checkpoint-seconds": round(time.perf_counter() - start, 3),
             "elapsed-seconds": round(time.monotonic() - self._started, 3),
         }
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics_file, json.dumps(line))
         if report.arrays is not None:
             self.save_state(report.server_round, report.arrays)
         log(INFO, "%s", progress_line(write_summary(self.folder)))

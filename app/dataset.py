@@ -6,6 +6,7 @@ The hub dataset and an offline copy of it (`json` data files) go through the sam
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,8 @@ from app.config import ConfigError, DatasetSettings, TrainSettings
 # The FlowerTune LLM template's Alpaca prompt, so scores stay comparable on the leaderboard.
 PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 IGNORE_INDEX = -100
+
+log = logging.getLogger(__name__)
 
 
 def federated_dataset(settings: DatasetSettings, seed: int) -> FederatedDataset:
@@ -39,14 +42,20 @@ def load_partition(settings: DatasetSettings, partition_id: int, seed: int) -> D
     return checked_partition(federated_dataset(settings, seed), settings, partition_id)
 
 
+def data_source(settings: DatasetSettings) -> str:
+    """The setting that names where the rows come from, for a refusal's one line."""
+    if settings.data_files:
+        return f"dataset.data-files = {','.join(settings.data_files)!r}"
+    return f"static.dataset.name = {settings.name!r}"
+
+
 def checked_partition(dataset: FederatedDataset, settings: DatasetSettings, partition_id: int) -> Dataset:
     """One node's rows, refused in one line where they cannot train: data files that are
     not JSON rows, rows without the template's `instruction` and `output`, fewer rows
-    than partitions (some would be empty). Otherwise each would surface mid-round as a traceback."""
-    if settings.data_files:
-        source = f"dataset.data-files = {','.join(settings.data_files)!r}"
-    else:
-        source = f"static.dataset.name = {settings.name!r}"
+    than partitions (some would be empty), no row with a response to learn (every `output`
+    empty or whitespace: the run would "complete" having learned only the space after the
+    response tag). Otherwise each would surface mid-round as a traceback, or not at all."""
+    source = data_source(settings)
     try:
         rows = dataset.load_partition(partition_id, "train")
     except (DatasetGenerationError, PermissionError, UnicodeDecodeError) as err:
@@ -57,11 +66,16 @@ def checked_partition(dataset: FederatedDataset, settings: DatasetSettings, part
     if missing:
         named = " or ".join(repr(c) for c in missing)
         raise ConfigError(f"{source}: rows have no {named}; each row needs 'instruction' and 'output'")
-    total = dataset.load_split("train").num_rows
-    if total < settings.num_partitions:
+    split = dataset.load_split("train")
+    if split.num_rows < settings.num_partitions:
         raise ConfigError(
-            f"{source}: {total} rows for static.dataset.num-partitions = {settings.num_partitions}: "
+            f"{source}: {split.num_rows} rows for static.dataset.num-partitions = {settings.num_partitions}: "
             "some partitions would be empty"
+        )
+    if not any(isinstance(output, str) and output.strip() for output in split["output"]):
+        raise ConfigError(
+            f"{source}: every row's 'output' is empty or whitespace ({split.num_rows} rows), so no row has a "
+            "response to learn; each row needs one"
         )
     return rows
 
@@ -89,6 +103,11 @@ def tokenize_example(
     """The whole text is tokenized once, as the model sees it at inference, and the loss
     falls on the tokens that start after the template's "### Response:" tag.
 
+    `teaches` says whether the row has anything to learn: whether a labelled token that
+    survives truncation to `seq_length` covers a character of the response that is not
+    whitespace. The space token after the tag and EOS do not count: with an empty or blank
+    `output`, or a prompt that leaves the response no room, they are all a row would teach.
+
     Tokenizing prompt and response apart would end the prompt in a lone space token that a
     SentencePiece tokenizer such as Gemma's never produces inside the whole text. Like the
     template's completion-only collator, the learned part starts at the response tag, so
@@ -98,26 +117,41 @@ def tokenize_example(
     prompt, response = prompt_and_response(example, append_input)
     encoded = tokenizer(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
     response_start = len(prompt.rstrip())
+    content_start = len(prompt) + len(response) - len(response.lstrip())  # the text's end for a blank response
     input_ids = list(encoded["input_ids"])
     labels = [
         tid if start >= response_start else IGNORE_INDEX
         for tid, (start, _) in zip(input_ids, encoded["offset_mapping"])
     ]
+    teaching = [start >= response_start and end > content_start for start, end in encoded["offset_mapping"]]
     if learn_eos:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
+        teaching.append(False)
     if tokenizer.bos_token_id is not None:
         input_ids.insert(0, tokenizer.bos_token_id)
         labels.insert(0, IGNORE_INDEX)
+        teaching.insert(0, False)
     input_ids, labels = input_ids[:seq_length], labels[:seq_length]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": labels,
+        "teaches": any(teaching[:seq_length]),
+    }
 
 
 def tokenize_partition(
-    partition: Dataset, tokenizer: PreTrainedTokenizerBase, train: TrainSettings, dataset: DatasetSettings
+    partition: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    train: TrainSettings,
+    dataset: DatasetSettings,
+    partition_id: int,
 ) -> Dataset:
-    """Rows whose prompt fills the whole window have nothing to learn from and are dropped
-    (the template keeps them with every label masked: a batch slot that teaches nothing)."""
+    """Rows with nothing to learn (`tokenize_example`'s `teaches`) are dropped: the template
+    keeps them, a batch slot that teaches nothing. The node's log says how many, and the
+    node's metrics report them (rows less the rows returned); a partition with none left is
+    refused in one line, as its training would only fit the template's own tokens."""
     tokenized = partition.map(
         tokenize_example,
         fn_kwargs={
@@ -128,4 +162,12 @@ def tokenize_partition(
         },
         remove_columns=partition.column_names,
     )
-    return tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
+    teaching = tokenized.filter(lambda row: row["teaches"]).remove_columns("teaches")
+    idle = len(tokenized) - len(teaching)
+    where = f"partition {partition_id}: {idle} of {len(tokenized)} rows"
+    why = f"an empty or blank 'output', or a prompt that fills train.seq-length = {train.seq_length}"
+    if not len(teaching):
+        raise ConfigError(f"{data_source(dataset)}: {where} have no response token to learn ({why})")
+    if idle:
+        log.warning("%s have no response token to learn (%s); training on the other %d", where, why, len(teaching))
+    return teaching

@@ -7,6 +7,7 @@ A reader finds the old version or the new one, never half of either.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,23 @@ def write_durably(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(out.fileno())
     os.replace(partial, path)
     fsync_path(path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends `line` and its newline in one write, fsynced; a write the disk could take only
+    part of is taken back, so that the file never ends in half a line that the next append
+    would run on from. Only a crash during the write itself can cut it (`app.report.read_metrics`)."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        written = os.write(fd, data)
+        if written != len(data):
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, f"{path}: wrote {written} of {len(data)} bytes of a line; took them back")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_folder(partial: Path, final: Path) -> None:

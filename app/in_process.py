@@ -30,7 +30,7 @@ def train_in_process(
     _wait_for_own_children()
     partition = load_partition(config.dataset, node.partition_id, config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(partition, tokenizer, config.train, config.dataset)
+    data = tokenize_partition(partition, tokenizer, config.train, config.dataset, node.partition_id)
     # The round's sampled nodes may all land on this GPU.
     sampled = config.strategy.nodes_per_round(config.dataset.num_partitions)
     model_settings = resolve_checkpointing(config.model, config.train, sampled, visible_gpu_bytes())
@@ -49,6 +49,7 @@ def train_in_process(
     return {k: v.numpy() for k, v in state.items()}, {
         **metrics,
         "num-examples": len(partition),
+        "rows-without-label": len(partition) - len(data),
         "prepare-seconds": prepared,
     }
 

@@ -9,19 +9,101 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from app.config import ConfigError
 
 # The FlowerTune template's communication tracker counts the adapter bytes a run moves
 # between server and clients against this budget.
 BUDGET_BYTES = 200 * 10**9
 SUMMARY_JSON, SUMMARY_MD, SETTINGS_JSON = "summary.json", "summary.md", "run.json"
 LOSS_PNG, TIME_PNG = "loss.png", "round_time.png"
+METRICS_JSONL = "metrics.jsonl"
+# What `round_rows` reads of a line: a line without one of them is not a round's record.
+ROUND_KEYS = (
+    "round",
+    "clients",
+    "rejected",
+    "failed",
+    "aggregate",
+    "aggregate-seconds",
+    "checkpoint",
+    "checkpoint-seconds",
+    "elapsed-seconds",
+)
+
+
+class DamagedRunFolder(ConfigError):
+    """A run folder's metrics file is damaged where no crash leaves it: a ConfigError, so that
+    `deploy` and the ServerApp refuse it in their one line, which names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A run's round records, and the one line that says a cut last line was left out."""
+
+    rounds: list[dict[str, Any]]
+    dropped: str | None = None
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    """The rounds of `metrics.jsonl`, which every reader of the file goes through.
+
+    The file is appended a whole line per round, so a crash or a full disk can only cut its
+    last line: that line is left out and `dropped` says so (what the round's durable state
+    holds decides whether a resumed run trains it again). A line without its newline counts
+    as cut even if its JSON is whole, since the crash came before the round's state was saved.
+    Anything else no crash makes, a bad line before the last or a JSON line that is not a
+    round's record, raises `DamagedRunFolder` naming the file and the line.
+    """
+    path = run_dir / METRICS_JSONL
+    if not path.is_file():
+        return Metrics([])
+    *lines, cut = path.read_bytes().split(b"\n")  # `cut`: what follows the last newline, b"" when whole
+    rounds = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            if number == len(lines) and not cut.strip():
+                cut = line + b"\n"
+                break
+            reason = getattr(err, "msg", type(err).__name__)
+            raise DamagedRunFolder(
+                f"{path}:{number}: not a JSON line ({reason}), and only the last line can be cut by a crash; "
+                f"repair or delete line {number}"
+            ) from None
+        problem = _not_a_round(record)
+        if problem:
+            raise DamagedRunFolder(f"{path}:{number}: {problem}; repair or delete line {number}")
+        rounds.append(record)
+    if not cut.strip():
+        return Metrics(rounds)
+    after = f"after round {rounds[-1]['round']}" if rounds else "before any whole round"
+    return Metrics(
+        rounds,
+        f"{path}: dropped a cut last line ({len(cut)} bytes) {after}; "
+        "that round's durable state decides whether it is trained again",
+    )
+
+
+def _not_a_round(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a round's record"
+    missing = [key for key in ROUND_KEYS if key not in record]
+    if missing:
+        return f"JSON but not a round's record (no {', '.join(repr(k) for k in missing[:3])})"
+    if not isinstance(record["round"], int) or isinstance(record["round"], bool):
+        return f"'round' is {record['round']!r}, not a round number"
+    return None
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_metrics(run_dir).rounds
 
 
 def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,6 +139,7 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "queue-seconds": round(c.get("queue-seconds", 0.0), 2),
                         "trainer-overflow": bool(c.get("trainer-overflow", False)),
                         "peak-gpu-bytes": c.get("peak-gpu-bytes", 0),
+                        "rows-without-label": c.get("rows-without-label", 0),
                     }
                     for c in clients
                 ],
@@ -96,6 +179,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             "budget": BUDGET_BYTES,
             "share-of-budget": (to_clients + from_clients) / BUDGET_BYTES,
         },
+        # Rows a node's partition has with nothing to learn (`app.dataset.tokenize_partition`),
+        # as each partition last reported them.
+        "rows-without-label": {
+            str(c["partition-id"]): c["rows-without-label"] for c in clients if c["rows-without-label"]
+        },
         # Scores that `deploy eval` added to an earlier summary survive a rewrite.
         "evaluation": evaluation,
         "rounds": rows,
@@ -126,6 +214,9 @@ def markdown(summary: dict[str, Any]) -> str:
         f"per client and round), {100 * b['share-of-budget']:.5f} % of the FlowerTune budget of {_size(b['budget'])}",
         "",
     ]
+    if summary["rows-without-label"]:
+        counts = ", ".join(f"partition {p}: {n}" for p, n in summary["rows-without-label"].items())
+        lines[-1:-1] = [f"- rows with nothing to learn, left out of training: {counts}"]
     if summary["evaluation"]:
         lines += ["| evaluation | accuracy |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in summary["evaluation"].items()] + [""]

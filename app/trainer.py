@@ -68,7 +68,8 @@ class Trainer:
         if split not in self._datasets:
             self._datasets = {split: federated_dataset(config.dataset, config.train.seed)}
         rows = checked_partition(self._datasets[split], config.dataset, partition_id)
-        self._partitions[key] = (len(rows), tokenize_partition(rows, self.tokenizer, config.train, config.dataset))
+        data = tokenize_partition(rows, self.tokenizer, config.train, config.dataset, partition_id)
+        self._partitions[key] = (len(rows), data)
         self.partition_loads += 1
         while len(self._partitions) > self.spec.cache_partitions:
             self._partitions.popitem(last=False)
@@ -98,6 +99,7 @@ class Trainer:
             "metrics": {
                 **metrics,
                 "num-examples": rows,
+                "rows-without-label": rows - len(data),
                 "prepare-seconds": prepared,
                 "trainer-pid": os.getpid(),
                 "trainer-model-loads": self.model_loads,

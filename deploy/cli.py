@@ -75,8 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config.resume_from is not None:
         from app.checkpoint import ResumeState  # torch: only when resuming
 
-        done = ResumeState.read(config.resume_from, config).round
-        print(f"Resuming {config.resume_from} after round {done} of {config.strategy.num_rounds}.")
+        resumed = ResumeState.read(config.resume_from, config)
+        print(f"Resuming {config.resume_from} after round {resumed.round} of {config.strategy.num_rounds}.")
+        if resumed.metrics_dropped:
+            print(resumed.metrics_dropped)
     topology = _plan(args, config, superlink_port=args.port or free_port())
     _check_layout(config, topology)
     check_results_dir(config.results_dir)
@@ -249,11 +251,14 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Redraws each run's summary and plots; several runs also share one comparison chart."""
-    from app.report import write_plots, write_summary
+    from app.report import METRICS_JSONL, read_metrics, write_plots, write_summary
 
-    for run in args.runs:
-        if not (run / "metrics.jsonl").is_file():
-            raise DeployError(f"{run}: not a run folder (no metrics.jsonl in it)")
+    for run in args.runs:  # every folder is checked before any is redrawn
+        if not (run / METRICS_JSONL).is_file():
+            raise DeployError(f"{run}: not a run folder (no {METRICS_JSONL} in it)")
+        dropped = read_metrics(run).dropped
+        if dropped:
+            print(dropped)
     for run in args.runs:
         summary = write_summary(run)
         write_plots([run], run)

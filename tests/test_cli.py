@@ -1,5 +1,6 @@
 """The deploy tool's front door: layouts printed, bad input stopped with one line and exit 2."""
 
+import json
 import os
 import shlex
 import shutil
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from deploy.demo import alpaca_rows
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -103,6 +105,11 @@ def test_bad_input_stops_before_anything_starts(demo, args, message, reliability
             "error: dataset.data-files = '{bad}/three-rows.json': 3 rows for static.dataset.num-partitions = 20: "
             "some partitions would be empty",
         ),
+        (
+            'dataset.data-files="{bad}/empty-outputs.json"',
+            "error: dataset.data-files = '{bad}/empty-outputs.json': every row's 'output' is empty or whitespace "
+            "(25 rows), so no row has a response to learn; each row needs one",
+        ),
     ],
 )
 def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(
@@ -114,6 +121,8 @@ def test_a_model_or_data_that_cannot_be_had_stops_before_anything_starts(
     (bad / "no-output.json").write_text('[{"instruction": "Add.", "input": "2 and 3"}]')
     row = '{"instruction": "Add.", "input": "2 and 3", "output": "5"}'
     (bad / "three-rows.json").write_text(f"[{row}, {row}, {row}]")
+    blank = [{**r, "output": " " * (i % 3)} for i, r in enumerate(alpaca_rows(25, seed=1))]
+    (bad / "empty-outputs.json").write_text(json.dumps(blank))
     overrides, message = overrides.format(bad=bad), message.format(bad=bad)
     tried = f"deploy run with {overrides}, offline"
     if "model.name" not in overrides:

@@ -46,7 +46,7 @@ def test_training_changes_the_adapter_without_the_hybrid_cache_warning(run_confi
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(
-        load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset
+        load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset, 0
     )
     with caplog.at_level(logging.WARNING):
         model = build_model(config.model)
@@ -64,7 +64,7 @@ def test_a_node_sampled_again_sees_another_first_batch_only_with_dynamic_data_se
     config = AppConfig.from_run_config(run_config)
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(
-        load_partition(config.dataset, 3, config.train.seed), tokenizer, config.train, config.dataset
+        load_partition(config.dataset, 3, config.train.seed), tokenizer, config.train, config.dataset, 3
     )
     model = build_model(config.model)
     first_batches = []
@@ -126,7 +126,7 @@ def test_gradient_checkpointing_still_trains_every_lora_factor(run_config, tmp_p
     config = AppConfig.from_run_config({**run_config, "model.gradient-checkpointing": True})
     tokenizer = load_tokenizer(config.model)
     data = tokenize_partition(
-        load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset
+        load_partition(config.dataset, 1, config.train.seed), tokenizer, config.train, config.dataset, 1
     )
     model = build_model(config.model)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

@@ -38,6 +38,7 @@ def record_run(run_config, folder, flexlora: bool, losses: list[float]):
                 "train-tokens": 40,
                 "bytes-to-client": DOWN,
                 "bytes-from-client": UP,
+                "rows-without-label": p % 2,
             }
             for p in (r, r + 7)
         ]
@@ -64,6 +65,11 @@ def test_summary_counts_rounds_time_and_bytes(run_config, tmp_path):
     assert summary["settings"]["model"]["lora"]["r"] == 8
     markdown = (run / "summary.md").read_text()
     assert "| 3 |" in markdown and "of the FlowerTune budget of 200.0 GB" in markdown
+    assert summary["rows-without-label"] == {"1": 1, "9": 1, "3": 1}
+    assert (
+        "- rows with nothing to learn, left out of training: partition 1: 1, partition 9: 1, partition 3: 1\n"
+        in markdown
+    )
     assert_png(run / "loss.png")
     assert_png(run / "round_time.png")
     line = progress_line(summary)
