@@ -123,13 +123,19 @@ def _stack_config(args: argparse.Namespace) -> tuple[dict, AppConfig]:
     return resolve_run_config(args.app, parse_overrides(args.run_config))
 
 
-def _topology(args: argparse.Namespace) -> Topology:
+def _topology(args: argparse.Namespace, check: bool = True) -> Topology:
     """A stack's layout, after the checks `deploy run` makes, so that `render`, `kit` and `up`
     refuse a bad run config before writing or starting anything. Paths in it are the
-    containers' (e.g. /model): the model folder is checked where it is read (model-fetch)."""
-    _, config = resolve_run_config(args.app, parse_overrides(args.run_config), local_model_here=False)
+    containers' (e.g. /model): the model folder is checked where it is read (model-fetch).
+    `check=False` (status, logs, down): only the layout's own setting is read, so a stack is
+    reachable whatever it was started with."""
+    overrides = parse_overrides(args.run_config)
+    if not check:
+        overrides = {k: v for k, v in overrides.items() if k == "train.max-trainings-per-gpu"}
+    _, config = resolve_run_config(args.app, overrides, local_model_here=False)
     topology = _plan(args, config, superlink_address=args.superlink_address, superlink_port=args.port)
-    _check_layout(config, topology)
+    if check:
+        _check_layout(config, topology)
     return topology
 
 
@@ -164,8 +170,8 @@ def cmd_kit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _docker(args: argparse.Namespace) -> tuple[DockerDeployment, Topology]:
-    topology = _topology(args)
+def _docker(args: argparse.Namespace, check: bool = True) -> tuple[DockerDeployment, Topology]:
+    topology = _topology(args, check)
     document = render(topology, _render_options(args))[topology.superlink_host]
     return DockerDeployment(document, args.dir or args.app, dict(os.environ)), topology
 
@@ -229,7 +235,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args)
+    deployment, _ = _docker(args, check=False)
     rows = [("service", "state", "health"), *deployment.status()]
     for row in rows:
         print(f"{row[0]:<16} {row[1]:<10} {row[2]}")
@@ -237,13 +243,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args)
+    deployment, _ = _docker(args, check=False)
     print(deployment.logs(args.service, tail=args.tail), end="")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args)
+    deployment, _ = _docker(args, check=False)
     deployment.down()
     print("Removed every container, network and volume `deploy up` created.")
     return 0
