@@ -41,36 +41,13 @@ mkdir -p "$(dirname "$exclude")"
 touch "$exclude"
 grep -qxF '/.gpu-carry/' "$exclude" || echo '/.gpu-carry/' >> "$exclude"
 
-debian_mirror() {
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-      /etc/apt/sources.list.d/*.sources 2>/dev/null |
-    awk '/^[[:space:]]*#/ {next}
-       $1 == "URIs:" && $2 ~ /\/debian\/?$/ {print $2; exit}
-       $1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) {print $i; exit}}' || true
-}
-MIRROR=${DEBIAN_MIRROR:-$(debian_mirror)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+. "$REPO/tests/docker/trixie_apt.sh"  # MIRROR, trixie_apt: the same private apt as the tests' engine
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$tmp/sources.list.d" "$tmp/lists/partial" "$tmp/cache/archives/partial" \
-         "$tmp/debs" "$tmp/root" "$tmp/stage/bin" "$tmp/stage/cli-plugins" "$tmp/stage/lib"
-: > "$tmp/sources.list"
-chmod 755 "$tmp"
-chown -R _apt "$tmp"   # apt fetches as the unprivileged _apt user
-cat > "$tmp/sources.list.d/trixie.sources" <<SRC
-Types: deb
-URIs: $MIRROR
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-apt_opts=(-o "Dir::Etc::sourcelist=$tmp/sources.list"
-          -o "Dir::Etc::sourceparts=$tmp/sources.list.d"
-          -o "Dir::State::Lists=$tmp/lists"
-          -o "Dir::Cache=$tmp/cache"
-          -o "Dir::State::status=/dev/null")
-apt-get "${apt_opts[@]}" update -q
+trixie_apt "$tmp"
+mkdir -p "$tmp/debs" "$tmp/root" "$tmp/stage/bin" "$tmp/stage/cli-plugins" "$tmp/stage/lib"
+chown _apt "$tmp/debs"  # apt-get download writes there as _apt
 
 pkgs=(docker.io containerd runc docker-compose tini iptables)
 # iptables' libraries (libc6 and netbase are the GPU machine's own).

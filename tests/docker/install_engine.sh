@@ -9,18 +9,7 @@ DOCKERD_LOG=${DOCKERD_LOG:-/var/log/dockerd.log}
 
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
 
-# The Debian mirror this machine already uses (registries other than Debian's
-# apt sources and PyPI are unreachable). DEBIAN_MIRROR overrides.
-debian_mirror() {
-  # Either format may be absent (one-line .list vs deb822 .sources): cat skips it.
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
-      /etc/apt/sources.list.d/*.sources 2>/dev/null |
-    awk '/^[[:space:]]*#/ {next}
-       $1 == "URIs:" && $2 ~ /\/debian\/?$/ {print $2; exit}
-       $1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) {print $i; exit}}' || true
-}
-MIRROR=${DEBIAN_MIRROR:-$(debian_mirror)}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+. "$(dirname "$0")/trixie_apt.sh"  # MIRROR, trixie_apt
 
 step() { echo "== $1"; SECONDS=0; }
 done_in() { echo "   done in ${SECONDS}s"; }
@@ -45,23 +34,7 @@ if [ -x "$PLUGIN_DIR/docker-compose" ]; then
 else
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  mkdir -p "$tmp/sources.list.d" "$tmp/lists/partial" "$tmp/cache/archives/partial"
-  : > "$tmp/sources.list"
-  # apt fetches as the unprivileged _apt user; give it the dirs it writes to.
-  chmod 755 "$tmp"
-  chown -R _apt "$tmp"
-  cat > "$tmp/sources.list.d/trixie.sources" <<SRC
-Types: deb
-URIs: $MIRROR
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  apt_opts=(-o "Dir::Etc::sourcelist=$tmp/sources.list"
-            -o "Dir::Etc::sourceparts=$tmp/sources.list.d"
-            -o "Dir::State::Lists=$tmp/lists"
-            -o "Dir::Cache=$tmp/cache")
-  apt-get "${apt_opts[@]}" update -q
+  trixie_apt "$tmp"
   (cd "$tmp" && apt-get "${apt_opts[@]}" download docker-compose)
   dpkg-deb -x "$tmp"/docker-compose_*.deb "$tmp/root"
   install -D -m 755 "$tmp/root/usr/libexec/docker/cli-plugins/docker-compose" \
