@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
 from flwr.common.config import unflatten_dict
 
 from deploy.errors import DeployError
@@ -44,7 +44,31 @@ class Connection:
         return {"address": self.address, "root-certificates": str(self.root_certificate.resolve())}
 
 
-def register_connection(flwr_home: Path, connection: Connection) -> Path:
+@dataclass(frozen=True)
+class SimulationConnection:
+    """A `[superlink.<name>]` entry for Flower's Simulation Engine: `flwr run` starts a local
+    SuperLink (`:local:`) whose virtual SuperNodes run the ClientApp in Ray actors.
+
+    The resources are per ClientApp, as the FlowerTune template gives them; the node count
+    must be the app's partition count, since each virtual node's `num-partitions` is it.
+    Flower 1.42 calls `options.` deprecated but still reads them, and they keep the whole
+    setting in the one file we write.
+    """
+
+    name: str
+    num_supernodes: int
+    num_cpus: int
+    num_gpus: float
+
+    def entry(self) -> dict[str, Any]:
+        resources = {"num-cpus": self.num_cpus, "num-gpus": self.num_gpus}
+        return {
+            "address": ":local:",
+            "options": {"num-supernodes": self.num_supernodes, "backend": {"client-resources": resources}},
+        }
+
+
+def register_connection(flwr_home: Path, connection: Connection | SimulationConnection) -> Path:
     """Adds or replaces the entry in `$FLWR_HOME/config.toml`, keeping the user's others."""
     path = flwr_home / "config.toml"
     config = tomllib.loads(path.read_text()) if path.is_file() else {}
