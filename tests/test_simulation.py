@@ -3,6 +3,7 @@
 
 `flwr` starts its local SuperLink detached, on fixed ports unless told otherwise, and leaves it
 running after the run: the test gives it free ports and its own FLWR_HOME, and stops it after.
+The runtime dependency installation is off: CI has no network, and the venv has everything.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
-from deploy.backends.process import free_ports
-from deploy.flwr_cli import FlwrCli, write_run_config
+from deploy.flwr_cli import FlwrCli, local_superlink_env, stop_local_superlink, write_run_config
 from tests.conftest import ROOT, assert_adapter_trained
 
 pytestmark = pytest.mark.deployment
@@ -28,34 +27,12 @@ CONNECTION = "local-simulation"
 STARTUP_FAILED = "Failed to start local SuperLink"
 
 
-def _stop_local_superlink(flwr_home: Path) -> None:
-    """The detached SuperLink `flwr` started for this FLWR_HOME, and what it started in turn."""
-    log_file = str(flwr_home / "local-superlink" / "superlink.log")
-    for process in psutil.process_iter(["cmdline"]):
-        if log_file in (process.info["cmdline"] or []):
-            family = [*process.children(recursive=True), process]
-            for member in family:
-                member.terminate()
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for member in alive:
-                member.kill()
-
-
 @pytest.mark.timeout(900)
 def test_two_rounds_in_the_simulation_engine(demo, tmp_path):
     flwr_home = tmp_path / "flwr-home"
-    http_port, control_port = free_ports(2)
     bin_dir = Path(sys.executable).parent
     env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        # flwr starts `flower-superlink` by name: the venv's bin must come first on PATH.
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        # The venv has every dependency already; the runtime install (uv sync) would need the network.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **local_superlink_env(os.environ, flwr_home, bin_dir),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "CUDA_VISIBLE_DEVICES": "",
@@ -75,7 +52,7 @@ def test_two_rounds_in_the_simulation_engine(demo, tmp_path):
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=780)
         if STARTUP_FAILED in done.stdout + done.stderr:
-            _stop_local_superlink(flwr_home)
+            stop_local_superlink(flwr_home)
             done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=780)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-3000:]
@@ -83,7 +60,7 @@ def test_two_rounds_in_the_simulation_engine(demo, tmp_path):
         run_id = re.search(r"Successfully started run (\d+)", output).group(1)
         status, details = FlwrCli(bin_dir / "flwr", flwr_home, CONNECTION, env).wait_finished(run_id, timeout=60)
     finally:
-        _stop_local_superlink(flwr_home)
+        stop_local_superlink(flwr_home)
     assert status == "finished:completed", f"{details}\n{output[-3000:]}"
     assert "(20 simulated SuperNodes)" in output
     assert "training in this ClientApp process" in output
