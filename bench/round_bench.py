@@ -15,6 +15,11 @@ Flower's polling, ClientApp process start and imports, message transfer).
         --json OUT.json
     python bench/round_bench.py --label scale-4gpu --gpus 0,1,2,3 --fit-trainers --runs fedavg,fedavg@0.5 ...
 
+`--backend simulation` runs the same app in Flower's Simulation Engine instead, the seed's
+way: `deploy simulation` registers `local-simulation` (20 virtual SuperNodes, 2 CPUs and
+1 GPU per ClientApp, Ray limited to --gpus) in the run's own FLWR_HOME, and each run goes
+through `flwr run . local-simulation`, which starts the local SuperLink (docs/simulation.md).
+
 `--backend docker` starts the same topology as containers (`deploy up --no-submit`, images
 built beforehand) and submits through the `remote-deployment` connection it registers, as
 a user does; the model and data folders are mounted read-only at /model and /data.
@@ -38,7 +43,7 @@ from pathlib import Path
 from app.report import read_rounds
 from app.report import round_rows as report_rows
 from deploy.backends.process import ProcessDeployment, free_port
-from deploy.flwr_cli import FlwrCli
+from deploy.flwr_cli import FlwrCli, local_superlink_env, stop_local_superlink
 from deploy.project import resolve_run_config
 from deploy.topology import Host, parse_gpus, plan, trainers_per_gpu
 
@@ -202,6 +207,21 @@ def process_deployment(args: argparse.Namespace, topology, sent: dict, env: dict
         yield deployment.cli, {}
 
 
+@contextmanager
+def simulation_engine(args: argparse.Namespace, env: dict) -> Iterator[tuple[FlwrCli, dict]]:
+    """The `local-simulation` connection in a FLWR_HOME of this label; the local SuperLink the
+    first `flwr run` starts is stopped however the runs end."""
+    home = args.workdir / args.label / "flwr-home"
+    bin_dir = Path(sys.executable).parent
+    env = {**local_superlink_env(env, home, bin_dir), "CUDA_VISIBLE_DEVICES": args.gpus}
+    deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT), "simulation", "--gpus", args.gpus]
+    subprocess.run(deploy, env=env, check=True)
+    try:
+        yield FlwrCli(bin_dir / "flwr", home, "local-simulation", env), {}
+    finally:
+        stop_local_superlink(home)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--label", required=True)
@@ -223,7 +243,7 @@ def main() -> None:
     ap.add_argument("--run-config", default="", help="extra overrides, 'key=value ...'")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/round-bench"))
     ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--backend", choices=("process", "docker"), default="process")
+    ap.add_argument("--backend", choices=("process", "docker", "simulation"), default="process")
     ap.add_argument("--gpu-request", choices=("nvidia", "cdi"), default="nvidia", help="with --backend docker")
     args = ap.parse_args()
 
@@ -249,18 +269,21 @@ def main() -> None:
         "label": args.label,
         "backend": args.backend,
         "gpus": args.gpus,
-        "trainers-per-gpu": topology.trainers[0].count if topology.trainers else 0,
-        "layout": topology.table().splitlines()[:3],
+        "trainers-per-gpu": topology.trainers[0].count if topology.trainers and args.backend != "simulation" else 0,
+        "layout": ["local-simulation: virtual SuperNodes in Ray actors"]
+        if args.backend == "simulation"
+        else topology.table().splitlines()[:3],
         "runs": {},
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with GpuSampler() as sampler:
         start = time.monotonic()
-        stack = (
-            docker_stack(args, sent, env, result["trainers-per-gpu"])
-            if args.backend == "docker"
-            else process_deployment(args, topology, sent, env)
-        )
+        if args.backend == "docker":
+            stack = docker_stack(args, sent, env, result["trainers-per-gpu"])
+        elif args.backend == "simulation":
+            stack = simulation_engine(args, env)
+        else:
+            stack = process_deployment(args, topology, sent, env)
         with stack as (cli, inside):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
             print(

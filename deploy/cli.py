@@ -17,7 +17,7 @@ from deploy.backends.process import ProcessDeployment, free_port
 from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
 from deploy.demo import build_demo
 from deploy.errors import DeployError
-from deploy.flwr_cli import Connection, FlwrCli, register_connection
+from deploy.flwr_cli import Connection, FlwrCli, SimulationConnection, register_connection
 from deploy.images import GPU_BASE, build_images, outdated_images
 from deploy.kit import IMAGE_WAYS, write_kits
 from deploy.project import parse_overrides, resolve_run_config
@@ -234,6 +234,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulation(args: argparse.Namespace) -> int:
+    """Registers the connection that runs this app unchanged in Flower's Simulation Engine, with
+    the seed's settings: one virtual SuperNode per partition, 2 CPUs and (where GPUs are
+    visible) 1 GPU per ClientApp."""
+    _, config = resolve_run_config(args.app, {})
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else _visible_gpus()
+    connection = SimulationConnection(args.connection, config.dataset.num_partitions, 2, 1.0 if gpus else 0.0)
+    path = register_connection(_flwr_home(), connection)
+    print(
+        f"Registered {args.connection} in {path}: {connection.num_supernodes} virtual SuperNodes, "
+        f"{connection.num_cpus} CPUs and {connection.num_gpus:g} GPU per ClientApp.\n"
+        "Run it with the venv's bin on PATH (flwr starts flower-superlink by name): "
+        f"flwr run . {args.connection} --stream"
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     deployment, _ = _docker(args, check=False)
     rows = [("service", "state", "health"), *deployment.status()]
@@ -360,6 +377,12 @@ def parser() -> argparse.ArgumentParser:
     p_up.add_argument("--base-image", default=GPU_BASE, help="base image (default: the Dockerfile's CUDA PyTorch)")
     p_up.add_argument("--torch", help="torch requirement for the wheelhouse; 'none' if the base has torch")
     p_up.set_defaults(func=cmd_up)
+    p_sim = commands.add_parser(
+        "simulation", help="register a Flower connection that runs the app in Flower's Simulation Engine"
+    )
+    p_sim.add_argument("--connection", default="local-simulation", help="name registered in Flower's config")
+    p_sim.add_argument("--gpus", help="GPU ids Ray may use, e.g. 0,1 (default: all visible; none: CPU only)")
+    p_sim.set_defaults(func=cmd_simulation)
     for name, func, text in (
         ("status", cmd_status, "per-service state and health"),
         ("down", cmd_down, "remove what `deploy up` started"),

@@ -8,16 +8,19 @@ entry we register is the one users type.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import time
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import tomli_w
-import tomllib
 from flwr.common.config import unflatten_dict
 
 from deploy.errors import DeployError
@@ -44,7 +47,31 @@ class Connection:
         return {"address": self.address, "root-certificates": str(self.root_certificate.resolve())}
 
 
-def register_connection(flwr_home: Path, connection: Connection) -> Path:
+@dataclass(frozen=True)
+class SimulationConnection:
+    """A `[superlink.<name>]` entry for Flower's Simulation Engine: `flwr run` starts a local
+    SuperLink (`:local:`) whose virtual SuperNodes run the ClientApp in Ray actors.
+
+    The resources are per ClientApp, as the FlowerTune template gives them; the node count
+    must be the app's partition count, since each virtual node's `num-partitions` is it.
+    Flower 1.42 calls `options.` deprecated but still reads them, and they keep the whole
+    setting in the one file we write.
+    """
+
+    name: str
+    num_supernodes: int
+    num_cpus: int
+    num_gpus: float
+
+    def entry(self) -> dict[str, Any]:
+        resources = {"num-cpus": self.num_cpus, "num-gpus": self.num_gpus}
+        return {
+            "address": ":local:",
+            "options": {"num-supernodes": self.num_supernodes, "backend": {"client-resources": resources}},
+        }
+
+
+def register_connection(flwr_home: Path, connection: Connection | SimulationConnection) -> Path:
     """Adds or replaces the entry in `$FLWR_HOME/config.toml`, keeping the user's others."""
     path = flwr_home / "config.toml"
     config = tomllib.loads(path.read_text()) if path.is_file() else {}
@@ -54,6 +81,43 @@ def register_connection(flwr_home: Path, connection: Connection) -> Path:
     flwr_home.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config))
     return path
+
+
+def local_superlink_env(env: Mapping[str, str], flwr_home: Path, bin_dir: Path) -> dict[str, str]:
+    """`env` for a `flwr` whose `:local:` connection starts a SuperLink of its own: its own
+    FLWR_HOME and free ports (Flower's defaults, 39091 and 39093, are one per machine), the
+    venv's bin first on PATH (`flwr` starts `flower-superlink` by name), and no runtime
+    dependency installation (the venv has every dependency; `uv sync` would need the network
+    and install torch afresh for every run)."""
+    from deploy.backends.process import free_ports  # it imports this module
+
+    http_port, control_port = free_ports(2)
+    return {
+        **env,
+        "FLWR_HOME": str(flwr_home),
+        "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+
+
+def stop_local_superlink(flwr_home: Path) -> None:
+    """Stops the SuperLink `flwr` started for a `:local:` connection of this FLWR_HOME, and what
+    it started in turn (the simulation, Ray). `flwr` starts it detached and leaves it running
+    after the run; it is found by its log file, which lies in this FLWR_HOME only."""
+    log_file = str(flwr_home / "local-superlink" / "superlink.log")
+    for process in psutil.process_iter(["cmdline"]):
+        if log_file in (process.info["cmdline"] or []):
+            family = [*process.children(recursive=True), process]
+            for member in family:
+                with contextlib.suppress(psutil.NoSuchProcess):  # one that ended on its own meanwhile
+                    member.terminate()
+            _, alive = psutil.wait_procs(family, timeout=10)
+            for member in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
 
 
 @dataclass

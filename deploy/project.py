@@ -7,11 +7,11 @@ not as a failed run twenty SuperNodes later.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from flwr.common.config import flatten_dict, parse_config_args
 
 from app.config import AppConfig, ConfigError, is_local_path

@@ -71,7 +71,7 @@ def _names_in(cert_path: Path) -> list[x509.GeneralName]:
 def _new_ca(files: TlsFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA key is kept (0600) beside its certificate: the only way to add a name later
     without handing every SuperNode host and `flwr` user a new ca.crt."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (
         x509.CertificateBuilder()
@@ -115,7 +115,7 @@ def _issue_superlink_certificate(
 ) -> None:
     """A fresh key with every certificate; the key is written first, so a crash in between
     leaves a certificate that lacks the names and is re-issued on the next run."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()

@@ -265,7 +265,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "full": not reasons,
         "partial_because": reasons,
         "command": shlex.join([".venv/bin/python", "-m", "pytest", *session.config.invocation_params.args]),
-        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).date().isoformat(),
         "seconds": round(time.monotonic() - log.started, 1),
         "recording_tests": len(log.kept),
         "records": [asdict(r) for records in log.kept.values() for r in records],

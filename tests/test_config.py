@@ -1,5 +1,6 @@
-import pytest
 import tomllib
+
+import pytest
 
 from app.config import AppConfig, ConfigError, NodeSettings
 from tests.conftest import ROOT
