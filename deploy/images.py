@@ -11,11 +11,12 @@ import os
 import subprocess
 from pathlib import Path
 
-from docker.errors import ImageNotFound
+from docker.errors import BuildError, ImageNotFound
 
 import docker
 from deploy.backends.docker import engine
 from deploy.compose import APP_IMAGE, SUPERLINK_IMAGE
+from deploy.errors import DeployError
 
 # Targets of docker/Dockerfile and the tags compose files refer to.
 IMAGES = {"superlink": SUPERLINK_IMAGE, "app": APP_IMAGE}
@@ -55,15 +56,23 @@ def build_images(app_dir: Path, base_image: str = GPU_BASE, torch_spec: str | No
     if torch_spec is None and base_image == GPU_BASE:
         torch_spec = "none"
     env = None if torch_spec is None else {**os.environ, "TORCH_SPEC": torch_spec}
-    subprocess.run(["bash", str(app_dir / "docker" / "wheelhouse.sh")], cwd=app_dir, check=True, env=env)
+    # pip's warnings are progress here, not our errors: stderr stays the one line that says why `up` stopped.
+    filled = subprocess.run(
+        ["bash", str(app_dir / "docker" / "wheelhouse.sh")], cwd=app_dir, env=env, stderr=subprocess.STDOUT
+    )
+    if filled.returncode != 0:
+        raise DeployError(f"docker/wheelhouse.sh exited with code {filled.returncode} (its output is above)")
     client = engine()
     args = {"SOURCE_DIGEST": source_digest(app_dir)}
     if base_image != GPU_BASE:
         args["BASE_IMAGE"] = base_image
     built = {}
     for target, tag in IMAGES.items():
-        image, _ = client.images.build(
-            path=str(app_dir), dockerfile="docker/Dockerfile", target=target, tag=tag, buildargs=args, rm=True
-        )
+        try:
+            image, _ = client.images.build(
+                path=str(app_dir), dockerfile="docker/Dockerfile", target=target, tag=tag, buildargs=args, rm=True
+            )
+        except BuildError as failed:
+            raise DeployError(f"building {tag} (docker/Dockerfile, target {target}) failed: {failed.msg}") from None
         built[tag] = image.id
     return built
