@@ -1,7 +1,9 @@
 """A real local deployment: one SuperLink and 20 SuperNodes as processes, on the CPU.
 
-Both aggregations run on the same deployment, three rounds each, through `flwr run`:
-once with a warm trainer serving the nodes, once with each ClientApp training itself.
+Both aggregations run three rounds each, through `flwr run`, on a deployment whose warm trainer
+serves the nodes; FedAvg runs again on one whose ClientApps train themselves. Tests of what the
+ServerApp alone decides run on the trainer layout only; those where the ClientApp's own process
+matters (its failures, its stopping) run on both.
 """
 
 from __future__ import annotations
@@ -63,7 +65,13 @@ def _layout(deployment) -> str:
 
 
 @pytest.mark.deployment
-@pytest.mark.parametrize("use_flexlora", [0, 1], ids=["fedavg", "flexlora"])
+@pytest.mark.parametrize(
+    ("deployment", "use_flexlora"),
+    # The aggregation is the ServerApp's, the same for both layouts: FlexLoRA runs once, on the trainer.
+    [("trainer", 0), ("trainer", 1), ("in-process", 0)],
+    ids=["trainer-fedavg", "trainer-flexlora", "in-process-fedavg"],
+    indirect=["deployment"],
+)
 def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     run_dir, rounds = run(
         deployment,
@@ -482,6 +490,7 @@ def test_soak_long_lived_processes_do_not_grow(deployment, demo, tmp_path, pytes
 
 
 @pytest.mark.deployment
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)  # the ServerApp's concern
 def test_a_run_outside_the_leaderboard_samples_its_own_fraction(deployment, demo, tmp_path):
     run_dir, rounds = run(
         deployment,
@@ -512,9 +521,10 @@ def test_an_unknown_key_sent_by_a_plain_flwr_run_is_named_in_the_superlink_log(d
 
 
 @pytest.mark.deployment
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)  # the ServerApp's concern
 def test_a_relative_results_dir_lands_in_the_app_folder(deployment, demo):
     """A plain `flwr run` sends results.dir as written; the ServerApp runs in the app folder."""
-    relative = f"results/relative-test-{os.getpid()}-{_layout(deployment)}"
+    relative = f"results/relative-test-{os.getpid()}"
     sent, _ = resolve_run_config(ROOT, {**demo.run_config(), "num-server-rounds": 1})
     try:
         run_id = deployment.cli.submit(ROOT, {**sent, "results.dir": relative}, deployment.workdir)

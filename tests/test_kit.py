@@ -7,6 +7,7 @@ run config come from it, the TLS material is made in a scratch `--dir`.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -33,8 +34,8 @@ LAYOUTS = {
 }
 
 
-def kit(tmp_path: Path, hosts: tuple[str, ...], *extra: str, out: str = "kits") -> Path:
-    argv = ["--app", str(ROOT), "kit", "--superlink-address", "10.0.0.5", "--dir", str(tmp_path / "here")]
+def kit(tmp_path: Path, hosts: tuple[str, ...], *extra: str, out: str = "kits", app: Path = ROOT) -> Path:
+    argv = ["--app", str(app), "kit", "--superlink-address", "10.0.0.5", "--dir", str(tmp_path / "here")]
     argv += [a for host in hosts for a in ("--host", host)]
     assert main([*argv, "--out", str(tmp_path / out), *extra]) == 0
     return tmp_path / out
@@ -105,11 +106,24 @@ def test_the_build_context_is_what_dockerignore_lets_through(tmp_path):
     assert not any(path.startswith(("tests/", ".git", ".venv", "bench/")) or "__pycache__" in path for path in context)
 
 
+def sources_without_wheelhouse(tmp_path: Path) -> Path:
+    """This app's sources without docker/wheelhouse, which the Docker tests fill (400+ MB that
+    would be packed three times here): what is archived, not how much, is under test."""
+    app = tmp_path / "app-sources"
+    for name in ("pyproject.toml", "README.md", ".dockerignore"):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, app / name)
+    for name in ("app", "deploy", "docker"):
+        shutil.copytree(ROOT / name, app / name, ignore=shutil.ignore_patterns("wheelhouse", "__pycache__"))
+    return app
+
+
 @pytest.mark.unit
 def test_archives_unpack_to_the_same_files_and_modes_and_the_ca_is_kept_between_kits(tmp_path):
     hosts = LAYOUTS["3 hosts"]
-    out = kit(tmp_path, hosts, "--archive")
-    again = kit(tmp_path, hosts, out="again")  # same --dir: the CA and node keys made above are reused
+    app = sources_without_wheelhouse(tmp_path)
+    out = kit(tmp_path, hosts, "--archive", app=app)
+    again = kit(tmp_path, hosts, out="again", app=app)  # same --dir: the CA and node keys made above are reused
     for host in ("gpu-a", "gpu-b", "cpu-c"):
         archive = out / f"{host}.tar.gz"
         assert stat.S_IMODE(archive.stat().st_mode) == 0o600
