@@ -173,7 +173,9 @@ def test_a_hand_started_supernode_with_a_bad_partition_is_refused_before_it_join
     node_config = f"partition-id={partition} num-partitions=20"
     done = deploy("supernode", "--", "--superlink", "127.0.0.1:1", "--insecure", "--node-config", node_config)
     one_line(done, f"error: partition-id = {partition}: must be an integer in [0, 19]")
-    reliability.record("bad input", f"deploy supernode --node-config '{node_config}'", f"exit 2: {done.stderr.strip()}")
+    reliability.record(
+        "bad input", f"deploy supernode -- ... --node-config '{node_config}'", f"exit 2: {done.stderr.strip()}"
+    )
 
 
 def test_a_hand_started_supernode_with_a_good_node_config_becomes_flower_supernode():
