@@ -22,7 +22,7 @@ import yaml
 
 from deploy.project import parse_overrides
 from deploy.reaped import PREFIX as REAPED
-from deploy.tls import SUPEREXEC_SECRET
+from deploy.tls import SUPEREXEC_SECRET, make_tls_material
 from deploy.topology import SUPERNODE_ENV, Node, Topology, TrainerGroup
 
 PROJECT = "flowertune"
@@ -154,6 +154,13 @@ def certificate_names(topology: Topology) -> list[str]:
     """Every name the SuperLink is reached by: its compose service, the address other hosts
     use and each host's name (for `flwr` there)."""
     return list(dict.fromkeys(["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]))
+
+
+def make_given_material(topology: Topology, options: RenderOptions, folder: Path) -> None:
+    """What a stack given its TLS files binds (a kit, a Swarm stack's secrets), made under `folder`
+    where missing, as `setup` makes it for a one-host stack: the same CA and node keys either way."""
+    certs, keys = folder / options.certs_dir, folder / options.keys_dir
+    make_tls_material(certs, keys, certificate_names(topology), [node.name for node in topology.nodes])
 
 
 def _image(image: str, options: RenderOptions) -> dict[str, Any]:
