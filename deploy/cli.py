@@ -34,9 +34,11 @@ def _visible_gpus() -> tuple[int, ...]:
 
 def _hosts(args: argparse.Namespace) -> list[Host]:
     if args.host:
-        return [Host.parse(h) for h in args.host]
-    gpus = parse_gpus(args.gpus) if args.gpus is not None else _visible_gpus()
-    return [Host("localhost", gpus)]
+        hosts = [Host.parse(h) for h in args.host]
+    else:
+        hosts = [Host("localhost", parse_gpus(args.gpus) if args.gpus is not None else _visible_gpus())]
+    server = getattr(args, "server_host", None)
+    return [Host.server(server), *hosts] if server else hosts
 
 
 def _trainers(args: argparse.Namespace, config: AppConfig) -> int | None:
@@ -380,8 +382,15 @@ def parser() -> argparse.ArgumentParser:
             "(default: train.max-trainings-per-gpu if set, else enough for a round's sampled nodes)",
         )
 
+    def server_host_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--server-host",
+            help="a machine for the SuperLink and ServerApp only, no SuperNodes (default: the first --host runs them)",
+        )
+
     p_plan = commands.add_parser("plan", help="print the layout: node, partition, host, GPU, trainer")
     layout_args(p_plan)
+    server_host_arg(p_plan)
     p_plan.set_defaults(func=cmd_plan)
 
     p_run = commands.add_parser("run", help="start SuperLink and SuperNodes as processes, run the app, stop them")
@@ -400,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
 
     def stack_args(p: argparse.ArgumentParser) -> None:
         layout_args(p)
+        server_host_arg(p)
         p.add_argument("--superlink-address", help="address other hosts reach the SuperLink at (default: first host)")
         p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"SuperLink port (default {DEFAULT_PORT})")
         p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")

@@ -97,12 +97,14 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
             services["register-nodes"] = _register_nodes(topology, target, options)
         services["serverapp"] = _serverapp(target, options)
         services["submit"] = _submit(topology, target, options)
-    services["model-fetch"] = _model_fetch(options)
+    if topology.nodes_on(host):  # a server host trains nothing, so it needs no model
+        services["model-fetch"] = _model_fetch(options)
     for group in topology.trainers_on(host):
         services[group.name] = _trainer(group, options)
     for node in topology.nodes_on(host):
         services[node.name] = _supernode(node, topology.trainer_of(node), target, first, options)
     volumes = {"hf-cache": {}, "trainers" if topology.trainers_on(host) else "gpu-locks": {}}
+    volumes = volumes if topology.nodes_on(host) else {}
     if first:
         volumes = {"superlink-state": {}, **volumes}
     return {"name": PROJECT, "services": services, "volumes": volumes, "secrets": {HF_TOKEN: {"file": HF_TOKEN_FILE}}}

@@ -157,6 +157,15 @@ def test_gpus_are_pinned_through_the_environment_and_cpu_hosts_get_none():
 
 
 @pytest.mark.unit
+def test_a_server_host_runs_the_superlink_and_serverapp_and_no_supernode():
+    topology = plan(NODES, (Host.server("hub"), Host("b"), Host("c")), nodes_per_round=2)
+    assert {node.host for node in topology.nodes} == {"b", "c"} and len(topology.nodes_on("b")) == NODES // 2
+    on_hub = {name for name, s in render_stack(topology, RenderOptions())["services"].items() if host_of(s) == "hub"}
+    assert on_hub == {"superlink", "register-nodes", "serverapp", "submit"}
+    assert set(render(topology)["hub"]["services"]) == {"setup", "superlink", "register-nodes", "serverapp", "submit"}
+
+
+@pytest.mark.unit
 def test_a_host_named_by_its_ip_gets_service_names_swarm_accepts():
     topology = plan(NODES, (Host("10.0.0.5"), Host("10.0.0.6")), nodes_per_round=2)
     document = render_stack(topology, RenderOptions())
@@ -181,6 +190,8 @@ def test_render_writes_the_stack_and_the_secrets_files_it_names(tmp_path, capsys
         (["--insecure"], "--insecure"),
         (["--gpu-request", "cdi"], "--gpu-request cdi"),
         (["--host", "gpu_a"], "--host"),
+        (["--server-host", "hub", "--host", "hub"], "names must be distinct"),
+        (["--server-host", "hub=0", "--host", "b"], "--server-host 'hub=0'"),
     ],
 )
 @pytest.mark.unit
