@@ -217,6 +217,24 @@ def test_a_bad_request_is_refused_in_one_line_before_anything_is_written(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv, setting",
+    [
+        (["up", "--build"], "--build"),
+        (["up", "--backend", "process"], "--backend process"),
+        (["status", "--insecure"], "--insecure"),
+        (["down", "--gpu-request", "cdi"], "--gpu-request cdi"),
+    ],
+)
+@pytest.mark.unit
+def test_up_status_and_down_refuse_what_swarm_cannot_do_before_asking_an_engine(tmp_path, capsys, argv, setting):
+    hosts = ["--host", "a=0", "--host", "b", "--dir", str(tmp_path)]
+    code = main(["--app", str(ROOT), argv[0], "--engine", "swarm", *argv[1:], *hosts])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and setting in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def node(name: str, **labels: str) -> SwarmNode:
     return SwarmNode(f"id-{name}", name, labels)
 
