@@ -99,9 +99,14 @@ class Engine:
         }
         (self.folder / "daemon.json").write_text(json.dumps(config))
         # /run/containerd hidden: dockerd would use the host's containerd found there, not its own.
-        script = (
-            f"hostname {self.name} && mount -t tmpfs tmpfs /run/containerd && "
-            f"exec dockerd --config-file {self.folder / 'daemon.json'}"
+        # `ip netns exec` mounts a fresh /sys for the namespace, without the cgroup hierarchies.
+        script = " && ".join(
+            [
+                f"hostname {self.name}",
+                "mount -t tmpfs tmpfs /run/containerd",
+                *_cgroup_mounts(),
+                f"exec dockerd --config-file {self.folder / 'daemon.json'}",
+            ]
         )
         log = open(self.folder / "dockerd.log", "ab")
         self.process = subprocess.Popen(
@@ -189,3 +194,13 @@ class Engine:
             except OSError:  # gone meanwhile
                 pass
         return pids
+
+
+def _cgroup_mounts() -> list[str]:
+    """The host's cgroup mounts, as shell commands that mount the same hierarchies again."""
+    commands = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, kind, options, *_ = line.split()
+        if point.startswith("/sys/fs/cgroup") and kind in ("tmpfs", "cgroup", "cgroup2"):
+            commands.append(f"mkdir -p {point} && mount -t {kind} -o {options} {kind} {point}")
+    return commands
