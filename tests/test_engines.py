@@ -101,7 +101,8 @@ def wait_for(what: str, found: Callable[[], object], timeout: float = 900) -> ob
 def run_and_lose_c(cli: FlwrCli, demo, scratch: Path, c: Engine, results: Callable[[], list[Path]]) -> Path:
     """A FedAvg run of 3 rounds, half the nodes a round; `c` is lost as round 2 starts."""
     before = set(results())
-    lossy = overrides(demo, **{"num-server-rounds": 3, "strategy.fraction-train": 0.5, "strategy.round-timeout": 300})
+    half = {"leaderboard": False, "static.strategy.fraction-train": 0.5, "strategy.round-timeout": 300}
+    lossy = overrides(demo, **{"num-server-rounds": 3, **half})
     run_id = cli.submit(ROOT, lossy, scratch)
     folder = wait_for("the run's folder", lambda: next(iter(set(results()) - before), None))
     wait_for("round 1", lambda: results() and (folder / "metrics.jsonl").exists() and rounds_of(folder))
