@@ -95,8 +95,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # Three engines, 20 SuperNode containers, runs across them: too heavy for every run of the 2-core CI
-# machine. Left uncollected without --engines, rather than deselected or skipped, so a default run
-# stays a whole run of the suite (tests/reliability.py) and no marker beyond the tiers is needed.
+# machine. A run of the folder leaves the file uncollected without --engines (pytest does not ask
+# this hook about a path named on the command line), rather than deselected or skipped, so a
+# default run stays a whole run of the suite (tests/reliability.py) with no marker beyond the tiers.
 ENGINE_TESTS = "tests/test_engines.py"
 
 
