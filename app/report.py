@@ -156,7 +156,8 @@ def round_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summarize(run_dir: Path) -> dict[str, Any]:
     settings_file = run_dir / SETTINGS_JSON
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    rows = round_rows(read_rounds(run_dir))
+    rounds = read_rounds(run_dir)
+    rows = round_rows(rounds)
     clients = [c for r in rows for c in r["clients"]]
     to_clients = sum(r["bytes-to-clients"] for r in rows)
     from_clients = sum(r["bytes-from-clients"] for r in rows)
@@ -184,6 +185,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "rows-without-label": {
             str(c["partition-id"]): c["rows-without-label"] for c in clients if c["rows-without-label"]
         },
+        # Each node that failed a round (a host lost, a node that died), named: the run went on without it.
+        "nodes-failed": [{"round": r["round"], **f} for r in rounds for f in r["failed"]],
         # Scores that `deploy eval` added to an earlier summary survive a rewrite.
         "evaluation": evaluation,
         "rounds": rows,
@@ -217,6 +220,9 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["rows-without-label"]:
         counts = ", ".join(f"partition {p}: {n}" for p, n in summary["rows-without-label"].items())
         lines[-1:-1] = [f"- rows with nothing to learn, left out of training: {counts}"]
+    if summary["nodes-failed"]:
+        failed = "; ".join(_failure(f) for f in summary["nodes-failed"])
+        lines[-1:-1] = [f"- nodes that failed, left out of their round: {failed}"]
     if summary["evaluation"]:
         lines += ["| evaluation | accuracy |", "| --- | --- |"]
         lines += [f"| {name} | {value:.4f} |" for name, value in summary["evaluation"].items()] + [""]
@@ -232,6 +238,13 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {loss} | {clients or 'none'} | {r['bytes-to-clients']:,} / {r['bytes-from-clients']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _failure(failed: dict[str, Any]) -> str:
+    """A node that never replied has no known partition; Flower's reason keeps its first clause."""
+    partition = "?" if failed["partition-id"] is None else failed["partition-id"]
+    reason = failed["reason"].split(" — ")[0].removeprefix("Error: ")
+    return f"round {failed['round']}: node {failed['node-id']} (partition {partition}, {reason})"
 
 
 def write_summary(run_dir: Path) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from app.config import AppConfig, ConfigError
 from app.evaluation import EvaluationError
-from deploy import cdi, evaluation, stack_steps, supernode
+from deploy import cdi, evaluation, stack_steps, supernode, swarm
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
-from deploy.compose import GPU_REQUESTS, RenderOptions, render, write
+from deploy.backends.swarm import STACK_LABEL, SwarmDeployment
+from deploy.compose import GPU_REQUESTS, RenderOptions, dump, make_given_material, render, write
 from deploy.demo import build_demo
 from deploy.errors import DeployError
 from deploy.flwr_cli import Connection, FlwrCli, SimulationConnection, register_connection
@@ -33,9 +34,11 @@ def _visible_gpus() -> tuple[int, ...]:
 
 def _hosts(args: argparse.Namespace) -> list[Host]:
     if args.host:
-        return [Host.parse(h) for h in args.host]
-    gpus = parse_gpus(args.gpus) if args.gpus is not None else _visible_gpus()
-    return [Host("localhost", gpus)]
+        hosts = [Host.parse(h) for h in args.host]
+    else:
+        hosts = [Host("localhost", parse_gpus(args.gpus) if args.gpus is not None else _visible_gpus())]
+    server = getattr(args, "server_host", None)
+    return [Host.server(server), *hosts] if server else hosts
 
 
 def _trainers(args: argparse.Namespace, config: AppConfig) -> int | None:
@@ -149,8 +152,25 @@ def _render_options(args: argparse.Namespace) -> RenderOptions:
     )
 
 
+def _swarm_stack(args: argparse.Namespace, topology: Topology) -> dict:
+    """The token is named by the variable, as for compose: a stack file never holds a path of yours."""
+    hub_token = bool(os.environ.get("HF_TOKEN_FILE"))
+    return swarm.render(topology, _render_options(args), hub_token=hub_token, overlay=args.overlay)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     topology = _topology(args)  # checked before the folder is made: a refusal leaves nothing
+    if args.engine == "swarm":
+        stack = _swarm_stack(args, topology)
+        args.out.mkdir(parents=True, exist_ok=True)
+        make_given_material(topology, _render_options(args), args.dir or args.app)  # its secrets' files
+        (args.out / swarm.STACK_FILE).write_text(dump(stack))
+        print(args.out / swarm.STACK_FILE)
+        print(
+            f"On a manager, label each host's node once, then: docker stack deploy -c {swarm.STACK_FILE} {swarm.STACK}"
+        )
+        print("\n".join(swarm.label_commands(host.name for host in topology.hosts)))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     for path in write(topology, args.out, _render_options(args)):
         print(path)
@@ -176,6 +196,13 @@ def _docker(args: argparse.Namespace, check: bool = True) -> tuple[DockerDeploym
     return DockerDeployment(document, args.dir or args.app, dict(os.environ)), topology
 
 
+def _deployment(args: argparse.Namespace) -> DockerDeployment | SwarmDeployment:
+    """The stack `status`, `logs` and `down` reach: this host's compose stack, or the swarm's."""
+    if args.engine == "swarm":
+        return SwarmDeployment(_swarm_stack(args, _topology(args, check=False)), args.dir or args.app, dict(os.environ))
+    return _docker(args, check=False)[0]
+
+
 def _flwr_home() -> Path:
     """Where `flwr` looks for its config; the connection we register must land there."""
     return Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
@@ -196,7 +223,44 @@ def cmd_up_process(args: argparse.Namespace) -> int:
             time.sleep(5)
 
 
+def cmd_up_swarm(args: argparse.Namespace) -> int:
+    """The whole federation from one manager: the images must already be on every node."""
+    if args.backend == "process":
+        raise DeployError("--backend process: runs no engine; leave it out with --engine swarm")
+    if args.build:
+        raise DeployError("--build: a swarm's nodes cannot share a build; load the images on every node instead")
+    topology = _topology(args)
+    stack = _swarm_stack(args, topology)
+    if args.no_submit:
+        del stack["services"]["submit"]
+    folder = args.dir or args.app
+    make_given_material(topology, _render_options(args), folder)
+    deployment = SwarmDeployment(stack, folder, dict(os.environ))
+    unplaced = deployment.label_nodes([host.name for host in topology.hosts])
+    if unplaced:
+        print("\n".join(swarm.label_commands(unplaced)))
+        raise DeployError(
+            f"--host {', '.join(unplaced)}: no swarm node has that hostname or label; label each one's node with "
+            "the commands above (NODE from `docker node ls`), then run again"
+        )
+    started = time.monotonic()
+    try:
+        deployment.up()
+    except DeployError as failed:
+        raise DeployError(f"{failed}; `deploy down --engine swarm` with the same options removes the stack") from None
+    ca = TlsFiles.in_folder(folder / ".deploy" / "certs").ca_cert
+    register_connection(_flwr_home(), Connection(args.connection, topology.superlink_endpoint, ca))
+    cli = FlwrCli(Path(sys.executable).parent / "flwr", _flwr_home(), args.connection, dict(os.environ))
+    cli.wait_for_nodes(len(topology.nodes), timeout=600, alive=lambda: None)
+    seconds = time.monotonic() - started
+    print(f"Stack up: {len(topology.nodes)} SuperNodes on {len(topology.hosts)} hosts online in {seconds:.0f} s.")
+    print(f"Submit with: flwr run . {args.connection}" if args.no_submit else "`submit` runs the app.")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    if args.engine == "swarm":
+        return cmd_up_swarm(args)
     if args.backend == "process":
         if not args.insecure:
             raise DeployError("the process backend serves plain HTTP on 127.0.0.1: pass --insecure")
@@ -252,23 +316,29 @@ def cmd_simulation(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args, check=False)
-    rows = [("service", "state", "health"), *deployment.status()]
+    deployment = _deployment(args)
+    header = ("service", "host", "node", "task") if args.engine == "swarm" else ("service", "state", "health")
+    rows = [header, *deployment.status()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
-        print(f"{row[0]:<16} {row[1]:<10} {row[2]}")
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args, check=False)
-    print(deployment.logs(args.service, tail=args.tail), end="")
+    print(_deployment(args).logs(args.service, tail=args.tail), end="")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    deployment, _ = _docker(args, check=False)
-    deployment.down()
-    print("Removed every container, network and volume `deploy up` created.")
+    _deployment(args).down()
+    if args.engine == "swarm":
+        print(
+            "Removed the stack's services, secrets and network, and its volumes on this engine. Other nodes keep "
+            f"their volumes: there, docker volume rm $(docker volume ls -q --filter label={STACK_LABEL}={swarm.STACK})"
+        )
+    else:
+        print("Removed every container, network and volume `deploy up` created.")
     return 0
 
 
@@ -312,8 +382,15 @@ def parser() -> argparse.ArgumentParser:
             "(default: train.max-trainings-per-gpu if set, else enough for a round's sampled nodes)",
         )
 
+    def server_host_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--server-host",
+            help="a machine for the SuperLink and ServerApp only, no SuperNodes (default: the first --host runs them)",
+        )
+
     p_plan = commands.add_parser("plan", help="print the layout: node, partition, host, GPU, trainer")
     layout_args(p_plan)
+    server_host_arg(p_plan)
     p_plan.set_defaults(func=cmd_plan)
 
     p_run = commands.add_parser("run", help="start SuperLink and SuperNodes as processes, run the app, stop them")
@@ -332,6 +409,7 @@ def parser() -> argparse.ArgumentParser:
 
     def stack_args(p: argparse.ArgumentParser) -> None:
         layout_args(p)
+        server_host_arg(p)
         p.add_argument("--superlink-address", help="address other hosts reach the SuperLink at (default: first host)")
         p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"SuperLink port (default {DEFAULT_PORT})")
         p.add_argument("--insecure", action="store_true", help="no TLS (local experiments only)")
@@ -348,8 +426,26 @@ def parser() -> argparse.ArgumentParser:
             "is absent)",
         )
 
-    p_render = commands.add_parser("render", help="write compose files: compose.yaml, compose.<host>.yaml")
+    def engine_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--engine",
+            choices=("compose", "swarm"),
+            default="compose",
+            help="compose: one stack per host (default); swarm: one stack over a Docker Swarm, from its manager",
+        )
+        p.add_argument(
+            "--overlay",
+            choices=swarm.OVERLAYS,
+            default="encrypted",
+            help="swarm's overlay network: encrypted (IPsec, default) or plain, for kernels without IPsec ESP "
+            "(Flower's TLS still protects every connection)",
+        )
+
+    p_render = commands.add_parser(
+        "render", help="write compose files (compose.yaml, compose.<host>.yaml) or a swarm stack (stack.yaml)"
+    )
     stack_args(p_render)
+    engine_args(p_render)
     p_render.add_argument("--out", type=Path, default=Path("."), help="folder for the files (default: here)")
     p_render.set_defaults(func=cmd_render)
 
@@ -366,8 +462,9 @@ def parser() -> argparse.ArgumentParser:
     p_kit.add_argument("--archive", action="store_true", help="also pack each kit as <out>/<host>.tar.gz")
     p_kit.set_defaults(func=cmd_kit)
 
-    p_up = commands.add_parser("up", help="start this host's stack with Docker and wait until it is ready")
+    p_up = commands.add_parser("up", help="start this host's stack (or the swarm's) and wait until it is ready")
     stack_args(p_up)
+    engine_args(p_up)
     p_up.add_argument("--connection", default="remote-deployment", help="name registered in Flower's config")
     p_up.add_argument(
         "--backend", choices=("docker", "process"), default="docker", help="containers or local processes"
@@ -384,14 +481,16 @@ def parser() -> argparse.ArgumentParser:
     p_sim.add_argument("--gpus", help="GPU ids Ray may use, e.g. 0,1 (default: all visible; none: CPU only)")
     p_sim.set_defaults(func=cmd_simulation)
     for name, func, text in (
-        ("status", cmd_status, "per-service state and health"),
+        ("status", cmd_status, "per-service state and health; with --engine swarm each task's host, node and state"),
         ("down", cmd_down, "remove what `deploy up` started"),
     ):
         p = commands.add_parser(name, help=text)
         stack_args(p)
+        engine_args(p)
         p.set_defaults(func=func)
     p_logs = commands.add_parser("logs", help="a service's recent log")
     stack_args(p_logs)
+    engine_args(p_logs)
     p_logs.add_argument("service")
     p_logs.add_argument("--tail", type=int, default=100)
     p_logs.set_defaults(func=cmd_logs)

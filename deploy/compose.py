@@ -22,7 +22,7 @@ import yaml
 
 from deploy.project import parse_overrides
 from deploy.reaped import PREFIX as REAPED
-from deploy.tls import SUPEREXEC_SECRET
+from deploy.tls import SUPEREXEC_SECRET, make_tls_material
 from deploy.topology import SUPERNODE_ENV, Node, Topology, TrainerGroup
 
 PROJECT = "flowertune"
@@ -97,12 +97,14 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
             services["register-nodes"] = _register_nodes(topology, target, options)
         services["serverapp"] = _serverapp(target, options)
         services["submit"] = _submit(topology, target, options)
-    services["model-fetch"] = _model_fetch(options)
+    if topology.nodes_on(host):  # a server host trains nothing, so it needs no model
+        services["model-fetch"] = _model_fetch(options)
     for group in topology.trainers_on(host):
         services[group.name] = _trainer(group, options)
     for node in topology.nodes_on(host):
         services[node.name] = _supernode(node, topology.trainer_of(node), target, first, options)
     volumes = {"hf-cache": {}, "trainers" if topology.trainers_on(host) else "gpu-locks": {}}
+    volumes = volumes if topology.nodes_on(host) else {}
     if first:
         volumes = {"superlink-state": {}, **volumes}
     return {"name": PROJECT, "services": services, "volumes": volumes, "secrets": {HF_TOKEN: {"file": HF_TOKEN_FILE}}}
@@ -154,6 +156,13 @@ def certificate_names(topology: Topology) -> list[str]:
     """Every name the SuperLink is reached by: its compose service, the address other hosts
     use and each host's name (for `flwr` there)."""
     return list(dict.fromkeys(["superlink", topology.superlink_address, *(h.name for h in topology.hosts)]))
+
+
+def make_given_material(topology: Topology, options: RenderOptions, folder: Path) -> None:
+    """What a stack given its TLS files binds (a kit, a Swarm stack's secrets), made under `folder`
+    where missing, as `setup` makes it for a one-host stack: the same CA and node keys either way."""
+    certs, keys = folder / options.certs_dir, folder / options.keys_dir
+    make_tls_material(certs, keys, certificate_names(topology), [node.name for node in topology.nodes])
 
 
 def _image(image: str, options: RenderOptions) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from docker.utils.build import exclude_paths
 
 from app.durable import write_durably
 from deploy.backends.docker import engine
-from deploy.compose import RenderOptions, certificate_names, dump, render
+from deploy.compose import RenderOptions, certificate_names, dump, make_given_material, render
 from deploy.errors import DeployError
 from deploy.images import IMAGES
-from deploy.tls import SUPEREXEC_SECRET, make_tls_material
+from deploy.tls import SUPEREXEC_SECRET
 from deploy.topology import Topology
 
 IMAGE_WAYS = ("build", "save")  # how a kit brings its images: their build context, or `docker save` archives
@@ -65,8 +65,8 @@ def write_kits(
         raise DeployError(f"--images {images!r}: expected one of {', '.join(IMAGE_WAYS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DeployError(f"--out {out}: is not an empty folder; name a new one (kits are never overwritten)")
+    make_given_material(topology, options, material_dir)
     certs, keys = material_dir / options.certs_dir, material_dir / options.keys_dir
-    make_tls_material(certs, keys, certificate_names(topology), [node.name for node in topology.nodes])
     given = dataclasses.replace(
         options,
         certs_dir=f"./{CERTS}",

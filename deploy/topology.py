@@ -49,10 +49,15 @@ HOSTNAME = re.compile(
 
 @dataclass(frozen=True)
 class Host:
-    """A machine and the GPU ids it lends to SuperNodes; no GPUs means CPU-only nodes."""
+    """A machine and the GPU ids it lends to SuperNodes; no GPUs means CPU-only nodes.
+
+    `supernodes` False: a server host (`--server-host`), the SuperLink's and the ServerApp's
+    alone, as a site that hosts the federation without training in it.
+    """
 
     name: str
     gpus: tuple[int, ...] = ()
+    supernodes: bool = True
 
     @classmethod
     def parse(cls, text: str) -> Host:
@@ -64,6 +69,13 @@ class Host:
                 "(letters, digits, '.', '-'; it names compose files and certificates)"
             )
         return cls(name.strip(), parse_gpus(gpus, f"--host {text!r}") if gpus.strip() else ())
+
+    @classmethod
+    def server(cls, text: str) -> Host:
+        """`--server-host NAME`: no GPU list, since no SuperNode runs there."""
+        if not HOSTNAME.fullmatch(text):
+            raise LayoutError(f"--server-host {text!r}: expected a host name or IP (letters, digits, '.', '-')")
+        return cls(text, (), supernodes=False)
 
 
 @dataclass(frozen=True)
@@ -191,12 +203,14 @@ def plan(
     names = [h.name for h in hosts]
     if len({n.lower() for n in names}) != len(names):
         raise LayoutError(f"hosts {names}: names must be distinct (host names are case-insensitive)")
-    slots = [(h.name, g) for h in hosts for g in (h.gpus or (None,))]
+    slots = [(h.name, g) for h in hosts if h.supernodes for g in (h.gpus or (None,))]
+    if not slots:
+        raise LayoutError("--server-host: the other --host machines run the SuperNodes; name at least one")
     nodes = tuple(Node(i, num_nodes, *slots[i % len(slots)]) for i in range(num_nodes))
     groups = tuple(
         TrainerGroup(h.name, g, count)
         for h in hosts
-        if (count := trainers_per_gpu(h, nodes_per_round, trainers))
+        if h.supernodes and (count := trainers_per_gpu(h, nodes_per_round, trainers))
         for g in (h.gpus or (None,))
     )
     if superlink_address is not None:

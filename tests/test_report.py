@@ -20,7 +20,7 @@ pytestmark = pytest.mark.unit
 DOWN, UP = 1_000_000, 999_000
 
 
-def record_run(run_config, folder, flexlora: bool, losses: list[float]):
+def record_run(run_config, folder, flexlora: bool, losses: list[float], failed: list[dict] | None = None):
     config = AppConfig.from_run_config(
         {**run_config, "num-server-rounds": len(losses), "strategy.use-flexlora": int(flexlora)}
     )
@@ -42,8 +42,11 @@ def record_run(run_config, folder, flexlora: bool, losses: list[float]):
             }
             for p in (r, r + 7)
         ]
+        lost = (failed or []) if r == 2 else []
         recorder(
-            RoundReport(server_round=r, arrays=ArrayRecord(state), clients=clients, aggregate={"train-loss": loss})
+            RoundReport(
+                server_round=r, arrays=ArrayRecord(state), clients=clients, aggregate={"train-loss": loss}, failed=lost
+            )
         )
     return folder
 
@@ -75,6 +78,21 @@ def test_summary_counts_rounds_time_and_bytes(run_config, tmp_path):
     line = progress_line(summary)
     assert line.startswith("round 3/3: partition 3 on GPU 1: loss 1.2300") and "ETA 0 s" in line
     assert "2.0 MB sent, 2.0 MB received" in line
+
+
+def test_the_summary_names_each_node_that_failed_a_round(run_config, tmp_path):
+    """A host lost mid-run: its nodes fail by name, one never heard from with no known partition."""
+    reason = "Error: Node Unavailable — The destination node failed to report a heartbeat within 2 × its interval."
+    lost = [
+        {"node-id": 41, "partition-id": 3, "reason": reason},
+        {"node-id": 42, "partition-id": None, "reason": reason},
+    ]
+    run = record_run(run_config, tmp_path / "lost", False, [2.0, 1.5, 1.2], failed=lost)
+    assert summarize(run)["nodes-failed"] == [{"round": 2, **f} for f in lost]
+    assert (
+        "- nodes that failed, left out of their round: round 2: node 41 (partition 3, Node Unavailable); "
+        "round 2: node 42 (partition ?, Node Unavailable)\n" in (run / "summary.md").read_text()
+    )
 
 
 def test_deploy_report_redraws_and_compares_runs(run_config, tmp_path):

@@ -67,7 +67,8 @@ def engine() -> docker.DockerClient:
     return client
 
 
-def _seconds_to_ns(text: str) -> int:
+def nanoseconds(text: str) -> int:
+    """Compose's durations ("5s") as the Engine API takes them."""
     return int(float(text.rstrip("s")) * 1e9)
 
 
@@ -177,10 +178,10 @@ class DockerDeployment:
             hc = service["healthcheck"]
             kwargs["healthcheck"] = {
                 "test": hc["test"],
-                "interval": _seconds_to_ns(hc["interval"]),
-                "timeout": _seconds_to_ns(hc["timeout"]),
+                "interval": nanoseconds(hc["interval"]),
+                "timeout": nanoseconds(hc["timeout"]),
                 "retries": hc["retries"],
-                "start_period": _seconds_to_ns(hc.get("start_period", "0s")),
+                "start_period": nanoseconds(hc.get("start_period", "0s")),
             }
         devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         if devices:
