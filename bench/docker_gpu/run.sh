@@ -77,9 +77,9 @@ case "$1" in
     gemma2_host "$R/model_build.json"
     chmod -R a+rX "$MODEL"
     W=/var/tmp/compose-up && rm -rf "$W" && mkdir -p "$W"
-    stamp "plain docker compose up of a rendered CDI file (4 rounds), crashing a trainer and a SuperNode"
+    stamp "plain docker compose up of a rendered CDI file (3 rounds), crashing a trainer and a SuperNode"
     $PY -m deploy render --gpus 0 --gpu-request cdi --out "$W" --volume "$MODEL:/model:ro" --volume "$(dirname "$DATA"):/data:ro" \
-      --run-config "model.name='/model' dataset.data-files='/data/$(basename "$DATA")' num-server-rounds=4" || exit 1
+      --run-config "model.name='/model' dataset.data-files='/data/$(basename "$DATA")' num-server-rounds=3" || exit 1
     cp "$W/compose.yaml" "$R/compose_cdi.yaml"
     compose=(docker compose -f "$W/compose.yaml" --project-directory "$W")
     t=$SECONDS
