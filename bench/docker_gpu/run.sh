@@ -19,7 +19,7 @@ BASE=flowertune-gpu-base:host
 export DOCKER_BUILDKIT=0  # the classic builder: no buildx plugin is carried
 bench() {  # LABEL [round_bench options...]
   local label=$1; shift
-  timeout -k 30 "$LIMIT" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg,flexlora --model "$MODEL" \
+  timeout -k 30 "$LIMIT" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg,flexlora --rounds "${ROUNDS:-4}" --model "$MODEL" \
     --data "$DATA" --workdir /var/tmp/round-bench --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
   echo "$label exited $?"; grep "^\[" "$R/$label.log"; tail -n 5 "$R/$label.log"
 }
