@@ -1,0 +1,145 @@
+"""Issue 24, lever 1: one client's optimizer steps at other micro-batch shapes, same effective batch.
+
+Why: the leaderboard's step is 8 rows, as 2 rows x 4 accumulation steps. transformers divides
+the loss by the label tokens of all 8 rows however they are split (`num_items_in_batch`), and
+the sampler hands out the same 8 rows in the same order, so 8 x 1 or 4 x 2 is the same
+optimizer step, with bitsandbytes dequantising each 4-bit weight once per micro-batch
+instead of four times. This runs our own step (app.models.build_model, app.train.train_round)
+once per shape on the same model, rows, initial adapter and seed, and reports the per-step
+losses, the adapter's largest difference from the first shape's, seconds, tokens/s and peak
+memory. LoRA dropout is 0 unless --run-config sets it: dropout draws differ by shape, so with
+it on the steps agree only in distribution.
+
+    # CPU, the tiny demo model (fp32): the equality
+    .venv/bin/python bench/round_levers/microbatch.py --shapes 2x4,8x1,4x2 --json /tmp/mb.json
+    # GPU, the 9B-shaped model (FP4, bf16): speed and memory at each shape
+    python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 2x4,8x1,4x2 \
+        --run-config 'model.quantization=4 train.seq-length=512' --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def shapes(text: str) -> list[tuple[int, int]]:
+    out = [tuple(int(n) for n in s.split("x")) for s in text.split(",")]
+    if len({b * a for b, a in out}) != 1:
+        raise SystemExit(f"--shapes {text}: every shape must make the same effective batch")
+    return out
+
+
+def run_config(args) -> dict:
+    from flwr.common.config import flatten_dict, parse_config_args
+
+    flat = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    if args.model:
+        model, data = str(args.model), str(args.data)
+    else:
+        from deploy.demo import build_demo
+
+        assets = build_demo(Path(tempfile.mkdtemp(prefix="microbatch-")) / "demo")
+        model, data = str(assets.model_dir), str(assets.data_file)
+    cpu = {} if args.model else {"model.quantization": 0, "train.seq-length": 128}
+    base = {
+        **flat,
+        "model.name": model,
+        "dataset.data-files": data,
+        "model.gradient-checkpointing": False,
+        "model.lora.peft-lora-dropout": 0.0,
+        "train.training-arguments.max-steps": args.steps,
+        **cpu,
+    }
+    return {**base, **(parse_config_args([args.run_config]) if args.run_config else {})}
+
+
+def one_shape(config, rows, adapter, batch: int, accumulation: int) -> dict:
+    from dataclasses import replace
+
+    import torch
+
+    import app.train as train_mod
+    from app.dataset import tokenize_partition
+    from app.models import build_model, load_tokenizer
+
+    history: list[dict] = []
+
+    class Recording(train_mod.Trainer):  # the same Trainer, its log history kept
+        def train(self, *a, **k):
+            out = super().train(*a, **k)
+            history.extend(self.state.log_history)
+            return out
+
+    train_mod.Trainer = Recording
+    config = replace(config, train=replace(config.train, batch_size=batch, gradient_accumulation_steps=accumulation))
+    tokenizer = load_tokenizer(config.model)
+    data = tokenize_partition(rows, tokenizer, config.train, config.dataset, 0)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model)
+    state, metrics = train_mod.train_round(model, tokenizer, data, config, 1, adapter)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {
+        "shape": f"{batch}x{accumulation}",
+        "losses": [h["loss"] for h in history if "loss" in h],
+        "seconds": round(metrics["train-seconds"], 3),
+        "tokens": metrics["train-tokens"],
+        "tokens-per-second": round(metrics["train-tokens"] / metrics["train-seconds"], 1),
+        "peak-gib": round(metrics["peak-gpu-bytes"] / 2**30, 2),
+        "adapter": state,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", type=shapes, default=shapes("2x4,8x1,4x2"), help="BATCHxACCUMULATION,...")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--model", type=Path, help="a model folder (else the tiny demo, built)")
+    ap.add_argument("--data", type=Path, help="Alpaca-format json rows, with --model")
+    ap.add_argument("--run-config", default="", help="extra overrides, Flower's syntax")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+    import torch
+
+    from app.config import AppConfig
+    from app.dataset import load_partition
+    from app.models import initial_adapter
+
+    config = AppConfig.from_run_config(run_config(args))
+    rows = load_partition(config.dataset, 0, config.train.seed)
+    adapter = initial_adapter(config.model, config.train.seed)
+    results = [one_shape(config, rows, {k: v.clone() for k, v in adapter.items()}, b, a) for b, a in args.shapes]
+    first = results[0]
+    for r in results:
+        r["max-adapter-diff"] = max(
+            float((r["adapter"][k] - first["adapter"][k]).abs().max()) for k in first["adapter"]
+        )
+        r["max-loss-diff"] = max(abs(x - y) for x, y in zip(r["losses"], first["losses"]))
+    out = {
+        "model": config.model.name,
+        "quantization": config.model.quantization,
+        "seq-length": config.train.seq_length,
+        "steps": config.train.max_steps,
+        "lora-dropout": config.model.lora.dropout,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "shapes": [{k: v for k, v in r.items() if k != "adapter"} for r in results],
+    }
+    args.json.write_text(json.dumps(out, indent=1))
+    for r in out["shapes"]:
+        print(
+            f"{r['shape']}: {r['seconds']} s, {r['tokens-per-second']} tokens/s, peak {r['peak-gib']} GiB, "
+            f"loss diff {r['max-loss-diff']:.2e}, adapter diff {r['max-adapter-diff']:.2e}, losses {r['losses']}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 24's levers on the lent GPU machine, one at a time, on one warm machine (chain the calls):
+#   L  run(command="bash bench/round_levers/run.sh L", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
+#      one client's step at 2x4, 8x1 and 4x2 (microbatch.py), then the round at 2x4 (today) and 8x1
+#   W  same carry: Flower's fixed waits shortened (waits_probe/ and FLWR_SUPEREXEC_TASK_POLL_INTERVAL), at 2x4 and 8x1
+# Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
+# 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
+. bench/gpu_common.sh "round_levers_$1.log"
+R=/var/tmp/round-levers
+mkdir -p "$R"
+gemma2_host "$R/model_build.json"
+MB8="train.training-arguments.per-device-train-batch-size=8 train.training-arguments.gradient-accumulation-steps=1"
+round() {  # LABEL [round_bench options...]
+  local label=$1; shift
+  timeout -k 30 280 $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
+    --data "$DATA" --workdir "/var/tmp/round-bench-$label" --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
+  echo "$label exited $?"; grep "^\[" "$R/$label.log"
+}
+case "$1" in
+  L)
+    stamp "one client, 10 steps at each micro-batch shape"
+    timeout -k 30 240 $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
+      --shapes 2x4,8x1,4x2 --json "$R/microbatch.json" 2>&1 | grep -E '^[0-9]+x|Error'
+    stamp "rounds at 2x4 (today)"; round base
+    stamp "rounds at 8x1"; round mb8 --run-config "$MB8"
+    ;;
+  W)
+    PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
+    stamp "rounds at 2x4, waits shortened"; round waits
+    stamp "rounds at 8x1, waits shortened"; round waits-mb8 --run-config "$MB8"
+    ;;
+esac
+stamp "done"
+cp "$R"/*.json "$R"/*.log "$O/" 2>/dev/null
