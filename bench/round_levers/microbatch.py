@@ -117,28 +117,30 @@ def main() -> None:
     config = AppConfig.from_run_config(run_config(args))
     rows = load_partition(config.dataset, 0, config.train.seed)
     adapter = initial_adapter(config.model, config.train.seed)
-    results = [one_shape(config, rows, {k: v.clone() for k, v in adapter.items()}, b, a) for b, a in args.shapes]
-    first = results[0]
-    for r in results:
+    results: list[dict] = []
+    for batch, accumulation in args.shapes:  # written after each shape: a cut-off run keeps what it measured
+        r = one_shape(config, rows, {k: v.clone() for k, v in adapter.items()}, batch, accumulation)
+        first = (results or [r])[0]
         r["max-adapter-diff"] = max(
             float((r["adapter"][k] - first["adapter"][k]).abs().max()) for k in first["adapter"]
         )
         r["max-loss-diff"] = max(abs(x - y) for x, y in zip(r["losses"], first["losses"]))
-    out = {
-        "model": config.model.name,
-        "quantization": config.model.quantization,
-        "seq-length": config.train.seq_length,
-        "steps": config.train.max_steps,
-        "lora-dropout": config.model.lora.dropout,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "shapes": [{k: v for k, v in r.items() if k != "adapter"} for r in results],
-    }
-    args.json.write_text(json.dumps(out, indent=1))
-    for r in out["shapes"]:
+        results.append(r)
         print(
             f"{r['shape']}: {r['seconds']} s, {r['tokens-per-second']} tokens/s, peak {r['peak-gib']} GiB, "
-            f"loss diff {r['max-loss-diff']:.2e}, adapter diff {r['max-adapter-diff']:.2e}, losses {r['losses']}"
+            f"loss diff {r['max-loss-diff']:.2e}, adapter diff {r['max-adapter-diff']:.2e}, losses {r['losses']}",
+            flush=True,
         )
+        out = {
+            "model": config.model.name,
+            "quantization": config.model.quantization,
+            "seq-length": config.train.seq_length,
+            "steps": config.train.max_steps,
+            "lora-dropout": config.model.lora.dropout,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "shapes": [{k: v for k, v in x.items() if k != "adapter"} for x in results],
+        }
+        args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 24's levers on the lent GPU machine, one at a time, on one warm machine (chain the calls):
-#   L  run(command="bash bench/round_levers/run.sh L", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
-#      one client's step at 2x4, 8x1 and 4x2 (microbatch.py), then the round at 2x4 (today) and 8x1
+#   M  run(command="bash bench/round_levers/run.sh M", carry=[".gpu-carry/pack", ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"])
+#      one client's step at 2x4, 8x1, 4x2 and 2x4 again, warm (microbatch.py; JSON written after each shape)
+#   L  same carry: the round at 2x4 (today) and 8x1
 #   W  same carry: Flower's fixed waits shortened (waits_probe/ and FLWR_SUPEREXEC_TASK_POLL_INTERVAL), at 2x4 and 8x1
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
@@ -17,10 +18,12 @@ round() {  # LABEL [round_bench options...]
   echo "$label exited $?"; grep "^\[" "$R/$label.log"
 }
 case "$1" in
-  L)
+  M)
     stamp "one client, 10 steps at each micro-batch shape"
-    timeout -k 30 240 $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
-      --shapes 2x4,8x1,4x2 --json "$R/microbatch.json" 2>&1 | grep -E '^[0-9]+x|Error'
+    timeout -k 30 "${LIMIT:-240}" $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
+      --shapes "${SHAPES:-2x4,8x1,4x2,2x4}" --json "$O/microbatch.json" 2>&1 | grep -E '^[0-9]+x|Error'
+    ;;
+  L)
     stamp "rounds at 2x4 (today)"; round base
     stamp "rounds at 8x1"; round mb8 --run-config "$MB8"
     ;;
