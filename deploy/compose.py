@@ -103,8 +103,8 @@ def _host_document(topology: Topology, host: str, options: RenderOptions) -> dic
         services[group.name] = _trainer(group, options)
     for node in topology.nodes_on(host):
         services[node.name] = _supernode(node, topology.trainer_of(node), target, first, options)
-    volumes = {"hf-cache": {}, "trainers" if topology.trainers_on(host) else "gpu-locks": {}}
-    volumes = volumes if topology.nodes_on(host) else {}
+    nodes_here = {"hf-cache": {}, "trainers" if topology.trainers_on(host) else "gpu-locks": {}}
+    volumes = nodes_here if topology.nodes_on(host) else {}
     if first:
         volumes = {"superlink-state": {}, **volumes}
     return {"name": PROJECT, "services": services, "volumes": volumes, "secrets": {HF_TOKEN: {"file": HF_TOKEN_FILE}}}
