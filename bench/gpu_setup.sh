@@ -7,12 +7,23 @@
 # .gpu-carry/pack/wheels.tar.xz (bench/pack_wheels.py makes it). The venv's bin/ then has
 # python next to flwr, flower-superlink, flower-supernode, flower-superexec, flwr-clientapp
 # and flwr-serverapp, as deploy/backends/process.py expects. Reused if already complete
-# (a warm machine keeps /var/tmp).
+# (a warm machine keeps /var/tmp). Where a call carries .gpu-carry/ray (`pack_wheels.py --ray`),
+# Ray joins the venv too, for Flower's Simulation Engine.
 set -eu
 VENV=${1:-/var/tmp/ftvenv}
 PACK=${PACK:-.gpu-carry/pack}
+RAY=${RAY:-.gpu-carry/ray}
 check='import flwr, flwr_datasets, datasets, bitsandbytes, pyarrow, docker, yaml, tomli_w, cryptography'
+add_ray() {
+  if [ -f "$RAY/wheels.tar.xz" ] && ! "$VENV/bin/python" -c 'import ray' 2>/dev/null; then
+    rm -rf /tmp/ftray && mkdir -p /tmp/ftray && tar -xJf "$RAY/wheels.tar.xz" -C /tmp/ftray
+    "$VENV/bin/python" "$(ls "$PACK"/pip-*.whl | head -1)/pip" install --no-index --no-deps --no-compile \
+      --disable-pip-version-check -q /tmp/ftray/wheels/*.whl
+    "$VENV/bin/python" -c 'import ray; print("gpu_setup: ray", ray.__version__)'
+  fi
+}
 if [ -x "$VENV/bin/flower-superlink" ] && "$VENV/bin/python" -c "$check" 2>/dev/null; then
+  add_ray
   echo "gpu_setup: $VENV already complete"
   exit 0
 fi
@@ -34,5 +45,6 @@ for m in ("flwr", "flwr_datasets", "datasets", "bitsandbytes", "pyarrow", "panda
     mod = importlib.import_module(m)
     print(f"  {m:14s} {getattr(mod, '__version__', '?'):12s} {mod.__file__}")
 PY
+add_ray
 ls "$VENV/bin" | tr '\n' ' '; echo
 echo "gpu_setup: done in $(( $(date +%s) - t0 )) s"

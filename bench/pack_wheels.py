@@ -7,6 +7,13 @@ flwr-datasets, datasets, bitsandbytes, pyarrow, etc., and no internet.
 
     python bench/pack_wheels.py --download /tmp/whl --out .gpu-carry/pack
     cp pip-26.0.1-py3-none-any.whl .gpu-carry/pack/    # bench/gpu_setup.sh runs pip from it
+    python bench/pack_wheels.py --ray --download /tmp/whl-ray --out .gpu-carry/ray   # Flower's Simulation Engine
+
+`--ray` packs what `flwr[simulation]` adds (Ray 2.55.1 and what of its closure neither the
+device nor the main pack has) apart, since the two do not fit one call's carry: a call
+carries `.gpu-carry/ray` once the venv exists, and gpu_setup.sh adds it. Ray's wheel is 70 MiB;
+trimmed of its Java jars, its dashboard's web build and the libraries Flower's engine does
+not import (rllib, tune, train, serve) it packs to about 25 MiB.
 
 As used on 2026-11-25 (47 wheels, 21.2 MiB): the default --exclude leaves out what the
 device image already has in a compatible version (its pip list: bench/results/inventory.txt, in git history at f7f36fd);
@@ -111,7 +118,16 @@ DEVICE_PRESENT = [
     "typing_extensions-*",
     "pathspec-*",
 ]
+SIMULATION = ["ray==2.55.1"]  # what flwr[simulation]==1.42.0 pins for Python 3.11-3.12
 TRIM = {
+    "ray-*": [
+        "ray/jars/*",
+        "ray/dashboard/client/build/*",
+        "ray/rllib/*",
+        "ray/tune/*",
+        "ray/train/*",
+        "ray/serve/*",
+    ],
     "bitsandbytes-*": [
         "bitsandbytes/libbitsandbytes_rocm*.so",
         "bitsandbytes/libbitsandbytes_cuda1[12]*.so",
@@ -131,7 +147,7 @@ TRIM = {
 }
 
 
-def download(dest: Path) -> None:
+def download(dest: Path, requirements: list[str]) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -149,7 +165,7 @@ def download(dest: Path) -> None:
     ]
     for p in PLATFORMS:
         cmd += ["--platform", p]
-    subprocess.run(cmd + REQUIREMENTS, check=True)
+    subprocess.run(cmd + requirements, check=True)
 
 
 def restore_stored(src: Path, dest: Path, drop: list[str]) -> tuple[int, int]:
@@ -182,9 +198,15 @@ def main() -> None:
         default=DEVICE_PRESENT,
         help="more wheel name patterns to leave out (default: what the device image has)",
     )
+    ap.add_argument(
+        "--ray", action="store_true", help="pack Ray for the Simulation Engine, less the main pack's wheels"
+    )
     args = ap.parse_args()
+    if args.ray:
+        main_pack = (args.out.parent / "pack" / "wheels.txt").read_text().split()
+        args.exclude = [*args.exclude, *(name.split("-")[0] + "-*" for name in main_pack)]
     if not args.skip_download:
-        download(args.download)
+        download(args.download, SIMULATION if args.ray else REQUIREMENTS)
     stage = args.out / "stage"
     stage.mkdir(parents=True, exist_ok=True)
     for old in stage.glob("*.whl"):

@@ -17,6 +17,10 @@
 #    the FP4 eager deployment also runs FlexLoRA (one-thread aggregation); once GPU 1 is done,
 #    bench/round_time/attention_probe.py trains one fixed partition from the same adapter there, eager
 #    then flex_attention, for the per-step losses.
+# E (issue 26; one GPU, e.g. nvidia-h100-x1; carry [".gpu-carry/pack", ".gpu-carry/ray",
+#    ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"]): Flower's Simulation Engine itself
+#    (`flwr run . local-simulation`, round_bench.py --backend simulation), then the seed
+#    mode's re-creation, then our warm trainers, one after the other on GPU 0, FedAvg, 3 rounds.
 # A and B ran before the packing: their warm and in-process rounds paid ~45 s of transfers.
 # The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
 # What comes back: the call's log and results_<A|B>.tar.gz (JSON, logs of every process).
@@ -79,6 +83,14 @@ case "$1" in
     ) & S=$!
     LIMIT=300 ours eager-fp4 0 fedavg,flexlora
     wait $S
+    ;;
+  E)
+    stamp "Flower's Simulation Engine (FedAvg, 3 rounds)"
+    LIMIT=300 ours engine-fedavg 0 fedavg --rounds 3 --backend simulation
+    stamp "the seed mode's re-creation (FedAvg, 2 rounds)"
+    LIMIT=160 seed seed-fedavg-e 0 --rounds 2
+    stamp "warm trainers (FedAvg, 3 rounds)"
+    LIMIT=120 ours warm-fedavg-e 0 fedavg --rounds 3
     ;;
 esac
 tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null
