@@ -10,10 +10,11 @@ flwr-datasets, datasets, bitsandbytes, pyarrow, etc., and no internet.
     python bench/pack_wheels.py --ray --download /tmp/whl-ray --out .gpu-carry/ray   # Flower's Simulation Engine
 
 `--ray` packs what `flwr[simulation]` adds (Ray 2.55.1 and what of its closure neither the
-device nor the main pack has) apart, since the two do not fit one call's carry: a call
-carries `.gpu-carry/ray` once the venv exists, and gpu_setup.sh adds it. Ray's wheel is 70 MiB;
+device nor the main pack has) apart, so that only the calls that run the Simulation Engine
+carry it (`.gpu-carry/ray`; gpu_setup.sh adds it to the venv): with the main pack, the data
+and the tree such a call carries about 60 MiB of the 64 MiB allowed. Ray's wheel is 70 MiB;
 trimmed of its Java jars, its dashboard's web build and the libraries Flower's engine does
-not import (rllib, tune, train, serve) it packs to about 25 MiB.
+not import (rllib, tune, train, serve) it packs to 17.8 MiB (2026-12-07).
 
 As used on 2026-11-25 (47 wheels, 21.2 MiB): the default --exclude leaves out what the
 device image already has in a compatible version (its pip list: bench/results/inventory.txt, in git history at f7f36fd);
