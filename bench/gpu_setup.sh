@@ -13,11 +13,12 @@ set -eu
 VENV=${1:-/var/tmp/ftvenv}
 PACK=${PACK:-.gpu-carry/pack}
 RAY=${RAY:-.gpu-carry/ray}
+PIPWHL=$(ls "$PACK"/pip-*.whl | head -1)
 check='import flwr, flwr_datasets, datasets, bitsandbytes, pyarrow, docker, yaml, tomli_w, cryptography'
 add_ray() {
   if [ -f "$RAY/wheels.tar.xz" ] && ! "$VENV/bin/python" -c 'import ray' 2>/dev/null; then
     rm -rf /tmp/ftray && mkdir -p /tmp/ftray && tar -xJf "$RAY/wheels.tar.xz" -C /tmp/ftray
-    "$VENV/bin/python" "$(ls "$PACK"/pip-*.whl | head -1)/pip" install --no-index --no-deps --no-compile \
+    "$VENV/bin/python" "$PIPWHL/pip" install --no-index --no-deps --no-compile \
       --disable-pip-version-check -q /tmp/ftray/wheels/*.whl
     "$VENV/bin/python" -c 'import ray; print("gpu_setup: ray", ray.__version__)'
   fi
@@ -36,7 +37,6 @@ python3 -m venv --without-pip "$VENV"
 PURE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # addsitedir (not a bare path line) so the image's own .pth files are honoured too.
 echo "import site; site.addsitedir('$OUTER')" > "$PURE/zz_device_image.pth"
-PIPWHL=$(ls "$PACK"/pip-*.whl | head -1)
 "$VENV/bin/python" "$PIPWHL/pip" install --no-index --no-deps --no-compile --ignore-installed --disable-pip-version-check -q /tmp/ftwheels/wheels/*.whl
 "$VENV/bin/python" - <<'PY'
 import importlib, sys

@@ -12,9 +12,8 @@ it on the steps agree only in distribution.
 
     # CPU, the tiny demo model (fp32): the equality
     .venv/bin/python bench/round_levers/microbatch.py --shapes 2x4,8x1,4x2 --json /tmp/mb.json
-    # GPU, the 9B-shaped model (FP4, bf16): speed and memory at each shape
-    python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 2x4,8x1,4x2 \
-        --run-config 'model.quantization=4 train.seq-length=512' --json OUT.json
+    # GPU, the 9B-shaped model (the app's FP4 and seq-length 512, bf16): speed and memory at each shape
+    python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 2x4,8x1,4x2 --json OUT.json
 """
 
 from __future__ import annotations
@@ -61,30 +60,36 @@ def run_config(args) -> dict:
     return {**base, **(parse_config_args([args.run_config]) if args.run_config else {})}
 
 
-def one_shape(config, rows, adapter, batch: int, accumulation: int) -> dict:
-    from dataclasses import replace
-
-    import torch
-
+def recorded_losses() -> list[dict]:
+    """Our Trainer, its log history kept: app.train builds the Trainer itself, so it is swapped
+    once for a subclass that appends to the returned list (cleared by the caller per shape)."""
     import app.train as train_mod
-    from app.dataset import tokenize_partition
-    from app.models import build_model, load_tokenizer
 
     history: list[dict] = []
 
-    class Recording(train_mod.Trainer):  # the same Trainer, its log history kept
+    class Recording(train_mod.Trainer):
         def train(self, *a, **k):
             out = super().train(*a, **k)
             history.extend(self.state.log_history)
             return out
 
     train_mod.Trainer = Recording
+    return history
+
+
+def one_shape(config, tokenizer, data, adapter, history: list[dict], batch: int, accumulation: int) -> dict:
+    from dataclasses import replace
+
+    import torch
+
+    from app.models import build_model
+    from app.train import train_round
+
+    history.clear()
     config = replace(config, train=replace(config.train, batch_size=batch, gradient_accumulation_steps=accumulation))
-    tokenizer = load_tokenizer(config.model)
-    data = tokenize_partition(rows, tokenizer, config.train, config.dataset, 0)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model)
-    state, metrics = train_mod.train_round(model, tokenizer, data, config, 1, adapter)
+    state, metrics = train_round(model, tokenizer, data, config, 1, adapter)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -111,15 +116,20 @@ def main() -> None:
     import torch
 
     from app.config import AppConfig
-    from app.dataset import load_partition
-    from app.models import initial_adapter
+    from app.dataset import load_partition, tokenize_partition
+    from app.models import initial_adapter, load_tokenizer
 
     config = AppConfig.from_run_config(run_config(args))
-    rows = load_partition(config.dataset, 0, config.train.seed)
+    tokenizer = load_tokenizer(config.model)
+    # the rows and their tokens do not depend on the shape: made once
+    data = tokenize_partition(
+        load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset, 0
+    )
     adapter = initial_adapter(config.model, config.train.seed)
+    history = recorded_losses()
     results: list[dict] = []
     for batch, accumulation in args.shapes:  # written after each shape: a cut-off run keeps what it measured
-        r = one_shape(config, rows, {k: v.clone() for k, v in adapter.items()}, batch, accumulation)
+        r = one_shape(config, tokenizer, data, {k: v.clone() for k, v in adapter.items()}, history, batch, accumulation)
         first = (results or [r])[0]
         r["max-adapter-diff"] = max(
             float((r["adapter"][k] - first["adapter"][k]).abs().max()) for k in first["adapter"]
