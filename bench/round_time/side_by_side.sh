@@ -43,6 +43,9 @@ seed() {  # NAME GPU [seed_mode options...]
     --quantization 4 --json "$R/$name.json" "$@" > "$R/$name.log" 2>&1
   echo "seed $name exited $?"; grep -E "^round|^save|import" "$R/$name.log"
 }
+pack() {  # PHASE: the JSON and logs of every process so far, the databases and round folders left out
+  tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null
+}
 case "$1" in
   A)
     stamp "warm trainers on GPU 0 | seed mode FedAvg on GPU 1"
@@ -84,14 +87,14 @@ case "$1" in
     LIMIT=300 ours eager-fp4 0 fedavg,flexlora
     wait $S
     ;;
-  E)
+  E)  # the results are packed after each phase: a call cut at its limit still brings back the phases done
     stamp "Flower's Simulation Engine (FedAvg, 3 rounds)"
-    LIMIT=300 ours engine-fedavg 0 fedavg --rounds 3 --backend simulation
+    LIMIT=280 ours engine-fedavg 0 fedavg --rounds 3 --backend simulation; pack "$1"
     stamp "the seed mode's re-creation (FedAvg, 2 rounds)"
-    LIMIT=160 seed seed-fedavg-e 0 --rounds 2
+    LIMIT=150 seed seed-fedavg-e 0 --rounds 2; pack "$1"
     stamp "warm trainers (FedAvg, 3 rounds)"
     LIMIT=120 ours warm-fedavg-e 0 fedavg --rounds 3
     ;;
 esac
-tar -czf "$O/results_$1.tar.gz" -C /tmp --exclude='*.db*' --exclude='round-[0-9]*' bench-results round-bench 2>/dev/null
+pack "$1"
 stamp "done"
