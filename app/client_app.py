@@ -36,8 +36,10 @@ def train(msg: Message, context: Context) -> Message:
         log(INFO, "partition %d, round %d: training in this ClientApp process", node.partition_id, server_round)
         from app.in_process import train_in_process  # torch and transformers: this path only
 
-        state, metrics = train_in_process(config, node, server_round, unpack(msg.content["arrays"]))
-        arrays = pack(state)
+        state, metrics = train_in_process(
+            config, node, server_round, unpack(msg.content["arrays"], config.strategy.wire_dtype)
+        )
+        arrays = pack(state, config.strategy.wire_dtype)
     else:
         # The packed adapter is a safetensors file already: the trainer takes it as it is.
         reply = train_remotely(node, config, server_round, packed_bytes(msg.content["arrays"]), TRAINER_TIMEOUT_SECONDS)

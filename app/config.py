@@ -21,6 +21,8 @@ QUANTIZATION_TYPES = ("fp4", "nf4")
 ATTENTION = ("eager", "flex_attention")
 # How FlexLoRA shares the singular values between B and A (see app.aggregation).
 FLEXLORA_SPLITS = ("reference", "balanced")
+# What the adapter travels in (app/wire.py): bfloat16 halves the bytes, float32 sends them as trained.
+WIRE_DTYPES = ("bfloat16", "float32")
 
 
 class ConfigError(ValueError):
@@ -167,6 +169,7 @@ class StrategySettings:
     flexlora_split: str = "reference"
     # Seconds a round waits for its replies; a node that never answers costs at most this.
     round_timeout: float = 600.0
+    wire_dtype: str = "bfloat16"
 
     def nodes_per_round(self, num_nodes: int) -> int:
         """Flower's FedAvg samples int(fraction * available); never fewer than one."""
@@ -252,6 +255,7 @@ class AppConfig:
                 "strategy.flexlora-split", str, lambda v: v in FLEXLORA_SPLITS, "one of " + ", ".join(FLEXLORA_SPLITS)
             ),
             round_timeout=get("strategy.round-timeout", float, lambda v: 0 < v <= 86400, "seconds in (0, 86400]"),
+            wire_dtype=get("strategy.wire-dtype", str, lambda v: v in WIRE_DTYPES, "one of " + ", ".join(WIRE_DTYPES)),
         )
         results_dir = Path(get("results.dir", str)).expanduser()
         leaderboard = get("leaderboard", bool, allowed="true or false")

@@ -77,6 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         use_flexlora=config.strategy.use_flexlora,
         lora_rank=config.model.lora.r,
         flexlora_split=config.strategy.flexlora_split,
+        wire_dtype=config.strategy.wire_dtype,
         on_round=recorder,
         grid=prompt,
         first_round=done + 1,

@@ -50,6 +50,7 @@ class FedAvgOrFlexLora(FedAvg):
         use_flexlora: bool,
         lora_rank: int,
         flexlora_split: str,
+        wire_dtype: str,
         on_round: Callable[[RoundReport], None],
         grid: PromptGrid | None = None,
         first_round: int = 1,
@@ -61,6 +62,7 @@ class FedAvgOrFlexLora(FedAvg):
         self.use_flexlora = use_flexlora
         self.lora_rank = lora_rank
         self.flexlora_split = flexlora_split
+        self.wire_dtype = wire_dtype
         self.on_round = on_round
         # The global adapter the round's updates must match, set when the round is configured.
         self.current: ArrayRecord | None = None
@@ -80,7 +82,7 @@ class FedAvgOrFlexLora(FedAvg):
     ) -> Iterable[Message]:
         """The global adapter goes out packed (`app.wire`); the strategy keeps it per tensor."""
         self.current = arrays
-        packed = pack(arrays)
+        packed = pack(arrays, self.wire_dtype)
         self.sent_bytes = len(packed_bytes(packed))
         server_round += self.first_round - 1
         messages = list(super().configure_train(server_round, packed, config, grid))
@@ -159,14 +161,13 @@ class FedAvgOrFlexLora(FedAvg):
         log(WARNING, "Node %d (partition %s) failed: %s", node, "unknown" if partition is None else partition, reason)
         return {"node-id": node, "partition-id": partition, "reason": reason}
 
-    @staticmethod
-    def unpack_reply(msg: Message) -> str | None:
+    def unpack_reply(self, msg: Message) -> str | None:
         """Replaces the reply's packed adapter by its tensors, or says why it cannot."""
         if len(msg.content.array_records) != 1:
             return "expected one ArrayRecord and one MetricRecord"
         name, record = next(iter(msg.content.array_records.items()))
         try:
-            msg.content[name] = ArrayRecord({k: Array(v) for k, v in unpack(record).items()})
+            msg.content[name] = ArrayRecord({k: Array(v) for k, v in unpack(record, self.wire_dtype).items()})
         except WireError as err:
             return str(err)
         return None

@@ -18,7 +18,6 @@ from multiprocessing.connection import Connection, Listener
 from typing import Any
 
 import torch
-from safetensors.torch import load, save
 
 from app.config import AppConfig
 from app.dataset import checked_partition, federated_dataset, tokenize_partition
@@ -26,6 +25,7 @@ from app.gpu_admission import check_fits, resolve_checkpointing, visible_gpu_byt
 from app.models import build_model, load_tokenizer
 from app.train import train_round
 from app.trainer_protocol import Hello, TrainerSpec, ensure_authkey, refusal, socket_path, trainer_name
+from app.wire import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,14 @@ class Trainer:
         rows, data = self.partition(config, pid)
         prepared = time.perf_counter() - start
         log.info("trainer %s (pid %d): round %d, partition %d: training", self.name, os.getpid(), server_round, pid)
-        state, metrics = train_round(self.model, self.tokenizer, data, config, server_round, load(request["adapter"]))
+        state, metrics = train_round(
+            self.model,
+            self.tokenizer,
+            data,
+            config,
+            server_round,
+            decode(request["adapter"], config.strategy.wire_dtype),
+        )
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # what this request used goes back to the GPU's other trainers
@@ -95,7 +102,7 @@ class Trainer:
             metrics["train-seconds"],
         )
         return {
-            "adapter": save(state),
+            "adapter": encode(state, config.strategy.wire_dtype),
             "metrics": {
                 **metrics,
                 "num-examples": rows,

@@ -128,7 +128,7 @@ def run_client(
     start = time.perf_counter()
     partition = load_partition(dataset_settings, partition_id, args.seed)
     tokenizer = load_tokenizer(model_settings)
-    rows = tokenize_partition(partition, tokenizer, train_settings(args), dataset_settings)
+    rows = tokenize_partition(partition, tokenizer, train_settings(args), dataset_settings, partition_id)
     model = build_template(model_settings, torch)
     set_peft_model_state_dict(model, global_state)
     synchronize()

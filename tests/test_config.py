@@ -119,6 +119,7 @@ def test_demo_config_is_valid(run_config):
         ("model.double-quantization", 1, "model.double-quantization = 1: must be true or false"),
         ("train.dynamic-data-seed", "yes", "train.dynamic-data-seed = 'yes': must be true or false"),
         ("strategy.flexlora-split", "sqrt", "strategy.flexlora-split = 'sqrt': must be one of reference, balanced"),
+        ("strategy.wire-dtype", "float16", "strategy.wire-dtype = 'float16': must be one of bfloat16, float32"),
         ("static.strategy.fraction-train", 1.5, "static.strategy.fraction-train = 1.5: must be a number in (0, 1]"),
         ("static.strategy.fraction-train", 0.0, "static.strategy.fraction-train = 0.0: must be a number in (0, 1]"),
         ("model.quantization", 3, "model.quantization = 3: must be one of 0, 4, 8"),

@@ -6,6 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import save
 
 from app.grid import PromptGrid
 from app.strategy import FedAvgOrFlexLora, RoundReport
@@ -23,8 +24,10 @@ def _server_identity():
 
 
 def adapter(seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    """Values bfloat16 holds exactly, as every adapter that crossed the wire: the aggregation is then exact."""
     g = torch.Generator().manual_seed(seed)
-    return {KEYS[0]: torch.randn(rank, 12, generator=g), KEYS[1]: torch.randn(10, rank, generator=g)}
+    state = {KEYS[0]: torch.randn(rank, 12, generator=g), KEYS[1]: torch.randn(10, rank, generator=g)}
+    return {k: v.bfloat16().float() for k, v in state.items()}
 
 
 def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Message:
@@ -36,7 +39,7 @@ def reply(node: int, state: dict, examples: float = 10, **extra_metrics) -> Mess
         "train-seconds": 1.0,
         "peak-gpu-bytes": 0,
     }
-    arrays = state if isinstance(state, ArrayRecord) else pack({k: v.numpy() for k, v in state.items()})
+    arrays = state if isinstance(state, ArrayRecord) else pack({k: v.numpy() for k, v in state.items()}, "bfloat16")
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord({**metrics, **extra_metrics})})
     return Message(content, reply_to=instruction)
 
@@ -47,6 +50,7 @@ def make_strategy(use_flexlora=False, grid=None):
         use_flexlora=use_flexlora,
         lora_rank=4,
         flexlora_split="reference",
+        wire_dtype="bfloat16",
         on_round=reports.append,
         grid=grid,
         fraction_train=0.1,
@@ -92,7 +96,7 @@ def test_a_sampled_node_that_never_answers_is_recorded_with_its_partition(reliab
 def test_flexlora_keeps_shapes_and_reproduces_the_weighted_product():
     strategy, _ = make_strategy(use_flexlora=True)
     a = adapter(1, rank=4)
-    b = {KEYS[0]: a[KEYS[0]], KEYS[1]: 3 * a[KEYS[1]]}  # same A: the weighted sum stays rank 4
+    b = {KEYS[0]: a[KEYS[0]], KEYS[1]: 2 * a[KEYS[1]]}  # same A: the weighted sum stays rank 4
     arrays, _ = strategy.aggregate_train(1, [reply(11, a, 1), reply(12, b, 1)])
     out = arrays.to_torch_state_dict()
     assert out[KEYS[0]].shape == (4, 12) and out[KEYS[1]].shape == (10, 4)
@@ -109,6 +113,7 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliabilit
     wrong_shape = adapter(3, rank=5)
     unpacked = ArrayRecord(good)  # one Array per tensor: not what our ClientApp sends
     garbage = pack_bytes(b"not a safetensors file")
+    float32 = pack_bytes(save(good))  # a safetensors file, but twice the bytes the wire carries
     crashed = Message(
         Error(code=2, reason="CUDA out of memory"), reply_to=Message(RecordDict(), dst_node_id=16, message_type="train")
     )
@@ -120,6 +125,7 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliabilit
         19: ("train-loss = NaN", reply(19, {k: v.clone() for k, v in good.items()}, **{"train-loss": float("nan")})),
         17: ("the adapter as one Array per tensor, not packed", reply(17, unpacked)),
         18: ("bytes that are not a safetensors file", reply(18, garbage)),
+        20: ("an adapter in float32, not the wire's bfloat16", reply(20, float32)),
     }
     replies = [reply(11, good), *(update for _, update in bad.values()), crashed]
     arrays, _ = strategy.aggregate_train(3, replies)
@@ -129,13 +135,14 @@ def test_bad_updates_are_rejected_logged_and_never_aggregated(caplog, reliabilit
     report = reports[0]
     assert [c["node-id"] for c in report.clients] == [11]
     reasons = {r["node-id"]: r["reason"] for r in report.rejected}
-    assert set(reasons) == {12, 13, 14, 15, 17, 18, 19}
+    assert set(reasons) == {12, 13, 14, 15, 17, 18, 19, 20}
     assert reasons[19] == "metric train-loss = nan is not a finite number"
     assert "NaN" in reasons[12] and "[5, 12]" in reasons[14]
     assert reasons[13] == f"adapter keys differ: missing {KEYS[0]}, unexpected other.lora_A.weight"
     assert "num-examples" in reasons[15]
     assert reasons[17].startswith(f"expected one array named {KEY}, got 2")
     assert reasons[18].startswith(f"{KEY} is not a safetensors file")
+    assert reasons[20] == f"{KEY}: {KEYS[0]} is torch.float32, the wire carries torch.bfloat16 (strategy.wire-dtype)"
     assert report.failed == [{"node-id": 16, "partition-id": None, "reason": "CUDA out of memory"}]
     aggregated = f"the round aggregated node {report.clients[0]['node-id']} only"
     for node, (what, _) in bad.items():
@@ -177,7 +184,7 @@ def test_the_global_adapter_travels_as_one_packed_array():
 
     (message, *_) = strategy.configure_train(1, sent, ConfigRecord(), Nodes())
     assert list(message.content["arrays"]) == [KEY]
-    got = unpack(message.content["arrays"])
+    got = unpack(message.content["arrays"], "bfloat16")
     for key, tensor in adapter(5).items():
         np.testing.assert_array_equal(got[key], tensor.numpy())
     assert strategy.current is sent

@@ -13,12 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from safetensors.numpy import load, save
 
 from app.config import AppConfig, NodeSettings
 from app.models import initial_adapter
 from app.trainer_client import TrainerError, connect, ping, train_remotely
 from app.trainer_protocol import PROTOCOL, Hello, code_version
+from app.wire import decode, encode
 from deploy.flwr_cli import write_run_config
 from deploy.project import resolve_run_config
 from tests.conftest import ROOT
@@ -69,16 +69,16 @@ def trainer(demo, tmp_path_factory):
 
 def request(trainer_dir: Path, config: AppConfig, partition_id: int, server_round: int = 1):
     node = NodeSettings(partition_id, 20, None, trainer_dir, "cpu")
-    adapter = {k: v.numpy() for k, v in initial_adapter(config.model, config.train.seed).items()}
-    return train_remotely(node, config, server_round, save(adapter), timeout=180)
+    adapter = encode(initial_adapter(config.model, config.train.seed), config.strategy.wire_dtype)
+    return train_remotely(node, config, server_round, adapter, timeout=180)
 
 
 def test_a_request_trains_the_adapter_it_is_sent(trainer):
     trainer_dir, config, _ = trainer
     reply = request(trainer_dir, config, 3)
-    sent = initial_adapter(config.model, config.train.seed)
-    got = load(reply.adapter)
-    assert got.keys() == sent.keys() and any((got[k] != sent[k].numpy()).any() for k in got)
+    sent = decode(encode(initial_adapter(config.model, config.train.seed), "bfloat16"), "bfloat16")
+    got = decode(reply.adapter, "bfloat16")  # refuses a reply in any other dtype than the wire's
+    assert got.keys() == sent.keys() and any((got[k] != sent[k]).any() for k in got)
     assert reply.trainer == NAME and not reply.overflow
     assert reply.metrics["num-examples"] == 20 and reply.metrics["train-loss"] > 0
 

@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 # The last commit before 82fda84 changed app/strategy.py: LoraFedAvg with Flower's FedAvg
 # arithmetic and sqrt split, as in bench/round_time/historical_h100 (aggregation 4.1-7.2 s).
 MEASURED_REV = "5f934c1"
+# strategy.wire-dtype's default; the measured revision's adapters travelled in float32.
+WIRE = "bfloat16"
 
 
 def _app_source(argv: list[str]) -> Path:
@@ -244,7 +246,7 @@ class FlowerPath:
         )
         self.rank = rank
         self.base = ArrayRecord({k: torch.from_numpy(v) for k, v in base.items()})  # as server_app.py
-        self.packed = [pack(c) for c in clients]  # client side: not timed
+        self.packed = [pack(c, WIRE) for c in clients]  # client side: not timed
         self.metrics = [client_metrics(int(w), i) for i, w in enumerate(weights)]
         self.recorder_dir = Path(tempfile.mkdtemp(prefix="profile_flexlora_"))
 
@@ -266,7 +268,8 @@ class FlowerPath:
         import app.strategy as st
 
         cls = getattr(st, "LoraFedAvg", None) or st.FedAvgOrFlexLora  # renamed after HEAD
-        extra = {"flexlora_split": "reference"} if "flexlora_split" in inspect.signature(cls).parameters else {}
+        params = inspect.signature(cls).parameters
+        extra = {k: v for k, v in {"flexlora_split": "reference", "wire_dtype": WIRE}.items() if k in params}
         reports = []
         s = cls(
             use_flexlora=use_flexlora,
@@ -321,7 +324,7 @@ class FlowerPath:
         _, t["_aggregate_arrays, called whole"] = timed(lambda: s._aggregate_arrays(contents))
         _, t["on_round: recorder, no checkpoint"] = timed(lambda: self.recorder(1)(self.report(arrays, 1)))
         _, t["on_round: recorder, checkpoint round"] = timed(lambda: self.recorder(1)(self.report(arrays, 2)))
-        _, t["next configure_train: pack(arrays)"] = timed(lambda: pack(arrays))
+        _, t["next configure_train: pack(arrays)"] = timed(lambda: pack(arrays, WIRE))
         return t
 
     def recorder(self, save_every_unused: int):

@@ -12,6 +12,8 @@ it on the steps agree only in distribution.
 
     # CPU, the tiny demo model (fp32): the equality
     .venv/bin/python bench/round_levers/microbatch.py --shapes 2x4,8x1,4x2 --json /tmp/mb.json
+    # lever 6: the same step from the initial adapter rounded to bfloat16 by the wire
+    .venv/bin/python bench/round_levers/microbatch.py --shapes 2x4 --steps 10 --wire bfloat16 --json /tmp/mb-bf16.json
     # GPU, the 9B-shaped model (the app's FP4 and seq-length 512, bf16): speed and memory at each shape
     python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 2x4,8x1,4x2 --json OUT.json
 """
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="Alpaca-format json rows, with --model")
     ap.add_argument("--run-config", default="", help="extra overrides, Flower's syntax")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--wire", help="start from the initial adapter as it arrives over the wire in this dtype (lever 6)")
     args = ap.parse_args()
     import torch
 
@@ -126,6 +129,10 @@ def main() -> None:
         load_partition(config.dataset, 0, config.train.seed), tokenizer, config.train, config.dataset, 0
     )
     adapter = initial_adapter(config.model, config.train.seed)
+    if args.wire:
+        from app.wire import decode, encode
+
+        adapter = decode(encode(adapter, args.wire), args.wire)
     history = recorded_losses()
     results: list[dict] = []
     for batch, accumulation in args.shapes:  # written after each shape: a cut-off run keeps what it measured
@@ -147,6 +154,7 @@ def main() -> None:
             "seq-length": config.train.seq_length,
             "steps": config.train.max_steps,
             "lora-dropout": config.model.lora.dropout,
+            "wire": args.wire or "float32 (not through the wire)",
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "shapes": [{k: v for k, v in x.items() if k != "adapter"} for x in results],
         }

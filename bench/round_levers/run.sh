@@ -4,6 +4,9 @@
 #      one client's step at 2x4, 8x1, 4x2 and 2x4 again, warm (microbatch.py; JSON written after each shape)
 #   L  same carry: the round at 2x4 (today) and 8x1
 #   W  same carry: Flower's fixed waits shortened (waits_probe/ and FLWR_SUPEREXEC_TASK_POLL_INTERVAL), at 2x4 and 8x1
+#   N  same carry, one call right after side_by_side.sh E on the same warm machine (whose warm-fedavg-e is
+#      the round at 2x4 with bfloat16 on the wire): the step at 2x4 and 8x1, the round at 8x1, the round
+#      at 2x4 with float32 on the wire (lever 6's time side)
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -13,7 +16,7 @@ gemma2_host "$R/model_build.json"
 MB8="train.training-arguments.per-device-train-batch-size=8 train.training-arguments.gradient-accumulation-steps=1"
 round() {  # LABEL [round_bench options...]
   local label=$1; shift
-  timeout -k 30 280 $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
+  timeout -k 30 "${RLIMIT:-280}" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
     --data "$DATA" --workdir "/var/tmp/round-bench-$label" --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
   echo "$label exited $?"; grep "^\[" "$R/$label.log"
 }
@@ -26,6 +29,13 @@ case "$1" in
   L)
     stamp "rounds at 2x4 (today)"; round base
     stamp "rounds at 8x1"; round mb8 --run-config "$MB8"
+    ;;
+  N)
+    stamp "one client, 10 steps at 2x4 and 8x1"
+    timeout -k 30 170 $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
+      --shapes 2x4,8x1 --json "$O/microbatch.json" 2>&1 | grep -E '^[0-9]+x|Error'
+    stamp "rounds at 8x1"; RLIMIT=250 round mb8 --run-config "$MB8"; cp "$R"/*.json "$O/"
+    stamp "rounds at 2x4, float32 on the wire"; RLIMIT=250 round wire-f32 --run-config "strategy.wire-dtype='float32'"
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"

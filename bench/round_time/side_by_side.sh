@@ -19,8 +19,9 @@
 #    then flex_attention, for the per-step losses.
 # E (issue 26; one GPU, e.g. nvidia-h100-x1; carry [".gpu-carry/pack", ".gpu-carry/ray",
 #    ".gpu-carry/tokenizer", ".gpu-carry/smoke-alpaca.json"]): Flower's Simulation Engine itself
-#    (`flwr run . local-simulation`, round_bench.py --backend simulation), then the seed
-#    mode's re-creation, then our warm trainers, one after the other on GPU 0, FedAvg, 3 rounds.
+#    (`flwr run . local-simulation`, round_bench.py --backend simulation), FedAvg, 3 rounds, GPU 0.
+# F (right after E, same warm machine and carry): the seed mode's re-creation (2 rounds), then
+#    our warm trainers (3 rounds), one after the other on GPU 0, FedAvg.
 # A and B ran before the packing: their warm and in-process rounds paid ~45 s of transfers.
 # The two GPUs' jobs share the host's 32 cores and memory, not a GPU.
 # What comes back: the call's log and results_<A|B>.tar.gz (JSON, logs of every process).
@@ -89,11 +90,14 @@ case "$1" in
     ;;
   E)  # the results are packed after each phase: a call cut at its limit still brings back the phases done
     stamp "Flower's Simulation Engine (FedAvg, 3 rounds)"
-    LIMIT=280 ours engine-fedavg 0 fedavg --rounds 3 --backend simulation; pack "$1"
+    LIMIT=280 ours engine-fedavg 0 fedavg --rounds 3 --backend simulation
+    ;;
+  F)  # after E on the same warm machine; E's engine leaves Ray's workers and its local SuperLink behind
+    pkill -f 'ftvenv/bin/[p]ython' || true
     stamp "the seed mode's re-creation (FedAvg, 2 rounds)"
-    LIMIT=150 seed seed-fedavg-e 0 --rounds 2; pack "$1"
+    LIMIT=220 seed seed-fedavg-e 0 --rounds 2; pack "$1"
     stamp "warm trainers (FedAvg, 3 rounds)"
-    LIMIT=120 ours warm-fedavg-e 0 fedavg --rounds 3
+    LIMIT=220 ours warm-fedavg-e 0 fedavg --rounds 3
     ;;
 esac
 pack "$1"
