@@ -104,6 +104,7 @@ class ModelSettings:
     attention: str = "eager"
     quantization_type: str = "fp4"
     double_quantization: bool = False
+    compile: bool = False
 
     def describe(self) -> str:
         """One line that tells two settings apart, for refusals and logs."""
@@ -115,6 +116,7 @@ class ModelSettings:
         return (
             f"{self.name} {bits}, LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} "
             f"on {','.join(lora.target_modules)}, checkpointing={checkpointing}, attention={self.attention}"
+            f"{', compiled' if self.compile else ''}"
         )
 
     @property
@@ -217,6 +219,7 @@ class AppConfig:
                 "one of " + ", ".join(QUANTIZATION_TYPES),
             ),
             double_quantization=get("model.double-quantization", bool, allowed="true or false"),
+            compile=get("model.compile", bool, allowed="true or false"),
         )
         if local_model_here and model.is_local and not (Path(model.name).expanduser() / "config.json").is_file():
             raise ConfigError(f"model.name = {model.name!r}: no such local model folder (expected a config.json in it)")

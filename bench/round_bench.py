@@ -202,8 +202,12 @@ def docker_stack(args: argparse.Namespace, sent: dict, env: dict, trainers: int)
 
 
 @contextmanager
-def process_deployment(args: argparse.Namespace, topology, sent: dict, env: dict) -> Iterator[tuple[FlwrCli, dict]]:
+def process_deployment(
+    args: argparse.Namespace, topology, sent: dict, env: dict, timeline: dict
+) -> Iterator[tuple[FlwrCli, dict]]:
+    """Fills `timeline` with the start-up's parts (`ProcessDeployment.timeline`) once up."""
     with ProcessDeployment(topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent) as deployment:
+        timeline.update(deployment.timeline)
         yield deployment.cli, {}
 
 
@@ -283,12 +287,12 @@ def main() -> None:
         elif args.backend == "simulation":
             stack = simulation_engine(args, env)
         else:
-            stack = process_deployment(args, topology, sent, env)
+            stack = process_deployment(args, topology, sent, env, result.setdefault("startup-timeline", {}))
         with stack as (cli, inside):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
             print(
                 f"[{args.label}] deployment up in {result['startup-seconds']} s, "
-                f"{result['trainers-per-gpu']} trainers per GPU",
+                f"{result['trainers-per-gpu']} trainers per GPU, {result.get('startup-timeline', {})}",
                 flush=True,
             )
             sampler.take(gpus)
@@ -302,8 +306,10 @@ def main() -> None:
                 overrides = {**sent, **inside, "strategy.use-flexlora": int(name == "flexlora"), "results.dir": out}
                 if fraction is not None:
                     overrides.update({"leaderboard": False, "static.strategy.fraction-train": fraction})
+                submitted = time.monotonic()
                 run_id = cli.submit(ROOT, overrides, args.workdir / args.label)
                 status, details = cli.wait_finished(run_id, timeout=3600)
+                run_wall = time.monotonic() - submitted
                 if status != "finished:completed":
                     raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
                 (run_dir,) = results.glob(f"*-run{run_id}")
@@ -314,6 +320,9 @@ def main() -> None:
                     "rounds": rows,
                     **summary(rows, result["startup-seconds"]),
                     "peak-gpu-mib": sampler.take(gpus),
+                    # From `flwr run` until the status says finished, less the ServerApp's own
+                    # elapsed time: submission, the ServerApp's start and the end's polling.
+                    "outside-serverapp-seconds": round(run_wall - read_rounds(run_dir)[-1]["elapsed-seconds"], 1),
                 }
                 for r in rows:
                     print(

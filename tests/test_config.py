@@ -129,6 +129,7 @@ def test_demo_config_is_valid(run_config):
         ("model.gradient-checkpointing", 1, 'model.gradient-checkpointing = 1: must be true, false or "auto"'),
         ("model.gradient-checkpointing", "on", "model.gradient-checkpointing = 'on': must be true, false or \"auto\""),
         ("model.attention", "sdpa", "model.attention = 'sdpa': must be one of eager, flex_attention"),
+        ("model.compile", "yes", "model.compile = 'yes': must be true or false"),
         ("model.name", "./no/such/model", "model.name = './no/such/model': no such local model folder"),
         ("train.learning-rate-min", 1.0, "train.learning-rate-min = 1.0: must be a number in [0, 5e-05]"),
         (

@@ -135,3 +135,27 @@ def test_gradient_checkpointing_still_trains_every_lora_factor(run_config, tmp_p
     after = get_peft_model_state_dict(model)
     unchanged = [k for k in before if "lora_B" in k and torch.equal(before[k], after[k])]
     assert unchanged == []
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_compiled_layers_train_the_same_adapter_as_eager(run_config, tmp_path, checkpointing):
+    """`model.compile` must be a speed setting only: the same rows from the same start give the
+    same adapter, with or without checkpointing around the compiled layers. LoRA dropout is off,
+    as compiled code draws its masks from another generator."""
+    settings = {**run_config, "model.lora.peft-lora-dropout": 0.0, "model.gradient-checkpointing": checkpointing}
+    tokenizer = load_tokenizer(AppConfig.from_run_config(settings).model)
+    adapters = {}
+    for compiled in (False, True):
+        config = AppConfig.from_run_config({**settings, "model.compile": compiled})
+        data = tokenize_partition(
+            load_partition(config.dataset, 2, config.train.seed), tokenizer, config.train, config.dataset, 2
+        )
+        torch.manual_seed(0)
+        model = build_model(config.model)
+        layers = model.get_base_model().model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        train_adapter(build_trainer(model, tokenizer, data, config.train, 1e-3, 1, str(tmp_path / str(compiled))))
+        adapters[compiled] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    assert any(v.abs().sum() > 0 for k, v in adapters[True].items() if "lora_B" in k)  # it trained
+    torch.testing.assert_close(adapters[True], adapters[False], rtol=1e-4, atol=1e-6)

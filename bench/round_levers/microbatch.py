@@ -16,6 +16,10 @@ it on the steps agree only in distribution.
     .venv/bin/python bench/round_levers/microbatch.py --shapes 2x4 --steps 10 --wire bfloat16 --json /tmp/mb-bf16.json
     # GPU, the 9B-shaped model (the app's FP4 and seq-length 512, bf16): speed and memory at each shape
     python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 2x4,8x1,4x2 --json OUT.json
+    # lever 2 at 8 x 1 (the first shape warms the kernels up): Liger, torch.compile, flex attention
+    python bench/round_levers/microbatch.py --model DIR --data FILE --shapes 8x1,8x1 --kernel liger --json OUT.json
+    python bench/round_levers/microbatch.py ... --run-config "model.compile=true" --json OUT.json
+    python bench/round_levers/microbatch.py ... --run-config "model.attention='flex_attention'" --json OUT.json
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ def recorded_losses() -> list[dict]:
     return history
 
 
+def use_kernel(kernel: str | None) -> None:
+    """Lever 2, before any model is built: Liger's Triton kernels patch transformers' Gemma2
+    classes (RoPE, RMSNorm, GeGLU, and the LM head fused with the loss, so the 256k-wide
+    logits of 8 x 512 tokens are never held whole)."""
+    if kernel == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_gemma2
+
+        apply_liger_kernel_to_gemma2(rope=True, rms_norm=True, geglu=True, fused_linear_cross_entropy=True)
+
+
 def one_shape(config, tokenizer, data, adapter, history: list[dict], batch: int, accumulation: int) -> dict:
     from dataclasses import replace
 
@@ -114,6 +128,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="Alpaca-format json rows, with --model")
     ap.add_argument("--run-config", default="", help="extra overrides, Flower's syntax")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--kernel", choices=("liger",), help="lever 2: Liger's kernels (torch.compile: model.compile=true)")
     ap.add_argument("--wire", help="start from the initial adapter as it arrives over the wire in this dtype (lever 6)")
     args = ap.parse_args()
     import torch
@@ -123,6 +138,7 @@ def main() -> None:
     from app.models import initial_adapter, load_tokenizer
 
     config = AppConfig.from_run_config(run_config(args))
+    use_kernel(args.kernel)
     tokenizer = load_tokenizer(config.model)
     # the rows and their tokens do not depend on the shape: made once
     data = tokenize_partition(
@@ -155,6 +171,9 @@ def main() -> None:
             "steps": config.train.max_steps,
             "lora-dropout": config.model.lora.dropout,
             "wire": args.wire or "float32 (not through the wire)",
+            "attention": config.model.attention,
+            "kernel": args.kernel or "none",
+            "compiled": config.model.compile,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "shapes": [{k: v for k, v in x.items() if k != "adapter"} for x in results],
         }

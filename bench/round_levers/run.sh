@@ -7,6 +7,13 @@
 #   N  same carry, one call right after side_by_side.sh E on the same warm machine (whose warm-fedavg-e is
 #      the round at 2x4 with bfloat16 on the wire): the step at 2x4 and 8x1, the round at 8x1, the round
 #      at 2x4 with float32 on the wire (lever 6's time side)
+#   S  same carry: lever 3 side by side: the round at 2x4 with two trainings at once (today), then 8x1
+#      with one trainer on the GPU (the sampled clients one after the other, the whole GPU each)
+#   K  carry also .gpu-carry/liger and .gpu-carry/mix-alpaca.json: one client's step: 2x4 and 8x1 eager,
+#      2x4 from the bfloat16 wire (lever 6 on the 9B shapes), 8x1 with Liger, flex attention and
+#      torch.compile (lever 2; each shape twice, the first warms up), 2x4 and 8x1 on the length mix (lever 7)
+#   X  carry as K: the 8x1 one-trainer round with Flower's waits shortened (lever 4), and the rounds of S
+#      on the length mix (lever 7; bench/make_smoke_data.py --words 10 --words-max 450)
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -19,6 +26,15 @@ round() {  # LABEL [round_bench options...]
   timeout -k 30 "${RLIMIT:-280}" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
     --data "$DATA" --workdir "/var/tmp/round-bench-$label" --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
   echo "$label exited $?"; grep "^\[" "$R/$label.log"
+  cp "$R/$label.json" "$R/$label.log" "$O/" 2>/dev/null  # this call's files only: at most 8 come back
+}
+MIX=$PWD/.gpu-carry/mix-alpaca.json
+ONE=(--trainers-per-gpu 1 --run-config "$MB8")
+step() {  # LABEL [microbatch options...]: one client, 10 steps
+  local label=$1; shift
+  stamp "one client: $label"
+  timeout -k 30 "${LIMIT:-150}" $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
+    --json "$O/step-$label.json" "$@" 2>&1 | grep -E '^[0-9]+x|Error'
 }
 case "$1" in
   M)
@@ -34,8 +50,28 @@ case "$1" in
     stamp "one client, 10 steps at 2x4 and 8x1"
     timeout -k 30 170 $PY bench/round_levers/microbatch.py --model "$MODEL" --data "$DATA" --steps 10 \
       --shapes 2x4,8x1 --json "$O/microbatch.json" 2>&1 | grep -E '^[0-9]+x|Error'
-    stamp "rounds at 8x1"; RLIMIT=250 round mb8 --run-config "$MB8"; cp "$R"/*.json "$O/"
+    stamp "rounds at 8x1"; RLIMIT=250 round mb8 --run-config "$MB8"
     stamp "rounds at 2x4, float32 on the wire"; RLIMIT=250 round wire-f32 --run-config "strategy.wire-dtype='float32'"
+    ;;
+  S)
+    stamp "rounds at 2x4, two trainings at once"; RLIMIT=250 round base
+    stamp "rounds at 8x1, one trainer"; RLIMIT=250 round one-mb8 "${ONE[@]}"
+    ;;
+  K)
+    $PY -c 'import liger_kernel' 2>/dev/null || $PY "$(ls .gpu-carry/pack/pip-*.whl | head -1)/pip" install \
+      --no-index --no-deps --disable-pip-version-check -q .gpu-carry/liger/*.whl
+    step eager --shapes 2x4,8x1
+    step wire-bf16 --shapes 2x4 --wire bfloat16
+    step liger --shapes 8x1,8x1 --kernel liger
+    step flex --shapes 8x1,8x1 --run-config "model.attention='flex_attention'"
+    LIMIT=200 step compile --shapes 8x1,8x1 --run-config "model.compile=true"
+    DATA=$MIX step mix --shapes 2x4,8x1
+    ;;
+  X)
+    PYW="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
+    stamp "rounds at 8x1, one trainer, waits shortened"; PY=$PYW RLIMIT=200 round waits-one-mb8 "${ONE[@]}"
+    stamp "length mix: rounds at 2x4, two at once"; DATA=$MIX RLIMIT=170 round mix-base
+    stamp "length mix: rounds at 8x1, one trainer"; DATA=$MIX RLIMIT=170 round mix-one-mb8 "${ONE[@]}"
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
@@ -44,4 +80,3 @@ case "$1" in
     ;;
 esac
 stamp "done"
-cp "$R"/*.json "$R"/*.log "$O/" 2>/dev/null

@@ -113,6 +113,8 @@ class ProcessDeployment:
         self._lock = threading.Lock()  # the watcher replaces entries of _started
         self._stop_watching = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Seconds from up()'s start until each part answered: where a start-up's time goes.
+        self.timeline: dict[str, float] = {}
 
     def __enter__(self) -> ProcessDeployment:
         try:
@@ -126,10 +128,12 @@ class ProcessDeployment:
         self.down()
 
     def up(self, timeout: float = 180) -> None:
+        start = time.monotonic()
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         if self.app_dir is not None:  # a model or data that cannot be had stops us before anything starts
             for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
                 print(line, flush=True)
+        self.timeline["checked"] = round(time.monotonic() - start, 2)
         # Each start is a new federation: nodes of earlier starts would linger as offline.
         (self.workdir / "superlink.db").unlink(missing_ok=True)
         register_connection(self.cli.flwr_home, self.connection)
@@ -152,6 +156,7 @@ class ProcessDeployment:
         )
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
+        self.timeline["superlink"] = round(time.monotonic() - start, 2)
         self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self.start(
@@ -174,7 +179,9 @@ class ProcessDeployment:
                 },
             )
         self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)
+        self.timeline["supernodes"] = round(time.monotonic() - start, 2)
         self.wait_for_trainers(TRAINER_TIMEOUT)
+        self.timeline["trainers"] = round(time.monotonic() - start, 2)
         self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
         self._watcher.start()
 
