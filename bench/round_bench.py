@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 from app.report import read_rounds
@@ -141,6 +142,23 @@ def summary(rows: list[dict], startup: float) -> dict:
         "overflow-clients": sum(1 for r in measured for c in r["clients"] if c["trainer-overflow"]),
         "extrapolated-10-round-job-seconds": round(startup + rows[0]["seconds"] + 9 * median, 1),
         "extrapolation": "deployment start-up + round 1 + 9 x median of rounds 2..N (extrapolated, not measured)",
+    }
+
+
+def run_phases(cli: FlwrCli, run_id: str, submitted: float, returned: float, elapsed: float) -> dict:
+    """Where a run's time outside its rounds goes, from the SuperLink's own timestamps of
+    the run (`flwr ls`: pending, running, finished) and our wall clock around `flwr run`."""
+    reply = cli.ask("ls", cli.connection, "--run-id", run_id) or {}
+    run = (reply.get("runs") or [{}])[0]
+    try:
+        at = {k: datetime.fromisoformat(run[f"{k}-at"]).timestamp() for k in ("pending", "running", "finished")}
+    except (KeyError, TypeError, ValueError):
+        return {"unavailable": f"flwr ls gave {run or reply}"}
+    return {
+        "submission": round(at["pending"] - submitted, 2),  # `flwr run`: its start, the FAB, the upload
+        "serverapp-start": round(at["running"] - at["pending"], 2),  # SuperExec's poll, process start, imports
+        "serverapp-outside-rounds": round(at["finished"] - at["running"] - elapsed, 2),  # set-up, final save, exit
+        "finish-noticed": round(returned - at["finished"], 2),  # our status polling
     }
 
 
@@ -306,14 +324,15 @@ def main() -> None:
                 overrides = {**sent, **inside, "strategy.use-flexlora": int(name == "flexlora"), "results.dir": out}
                 if fraction is not None:
                     overrides.update({"leaderboard": False, "static.strategy.fraction-train": fraction})
-                submitted = time.monotonic()
+                submitted = time.time()
                 run_id = cli.submit(ROOT, overrides, args.workdir / args.label)
                 status, details = cli.wait_finished(run_id, timeout=3600)
-                run_wall = time.monotonic() - submitted
+                returned = time.time()
                 if status != "finished:completed":
                     raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
                 (run_dir,) = results.glob(f"*-run{run_id}")
-                rows = round_rows(read_rounds(run_dir))
+                rounds = read_rounds(run_dir)
+                rows, elapsed = round_rows(rounds), rounds[-1]["elapsed-seconds"]
                 result["runs"][key] = {
                     "status": status,
                     "fraction": fraction or config.strategy.fraction_train,
@@ -322,7 +341,8 @@ def main() -> None:
                     "peak-gpu-mib": sampler.take(gpus),
                     # From `flwr run` until the status says finished, less the ServerApp's own
                     # elapsed time: submission, the ServerApp's start and the end's polling.
-                    "outside-serverapp-seconds": round(run_wall - read_rounds(run_dir)[-1]["elapsed-seconds"], 1),
+                    "outside-serverapp-seconds": round(returned - submitted - elapsed, 1),
+                    "outside-serverapp-parts": run_phases(cli, run_id, submitted, returned, elapsed),
                 }
                 for r in rows:
                     print(

@@ -14,6 +14,8 @@
 #      torch.compile (lever 2; each shape twice, the first warms up), 2x4 and 8x1 on the length mix (lever 7)
 #   X  carry as K: the 8x1 one-trainer round with Flower's waits shortened (lever 4), and the rounds of S
 #      on the length mix (lever 7; bench/make_smoke_data.py --words 10 --words-max 450)
+#   C  carry as K: lever 2 in the round: today's round (the machine's baseline), then 8x1 with one trainer
+#      and model.compile=true on the long rows and on the length mix (recompiles per padded length)
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -25,11 +27,15 @@ round() {  # LABEL [round_bench options...]
   local label=$1; shift
   timeout -k 30 "${RLIMIT:-280}" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
     --data "$DATA" --workdir "/var/tmp/round-bench-$label" --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
-  echo "$label exited $?"; grep "^\[" "$R/$label.log"
+  echo "$label exited $?"
+  # the trainers' own model-load seconds, beside the deployment's start-up timeline
+  grep -h "loaded" /var/tmp/round-bench-"$label"/"$label"/logs/trainer*.log >> "$R/$label.log" 2>/dev/null
+  grep -E "^\[|loaded" "$R/$label.log"
   cp "$R/$label.json" "$R/$label.log" "$O/" 2>/dev/null  # this call's files only: at most 8 come back
 }
 MIX=$PWD/.gpu-carry/mix-alpaca.json
 ONE=(--trainers-per-gpu 1 --run-config "$MB8")
+ONE_COMPILED=(--trainers-per-gpu 1 --run-config "$MB8 model.compile=true")
 step() {  # LABEL [microbatch options...]: one client, 10 steps
   local label=$1; shift
   stamp "one client: $label"
@@ -72,6 +78,11 @@ case "$1" in
     stamp "rounds at 8x1, one trainer, waits shortened"; PY=$PYW RLIMIT=200 round waits-one-mb8 "${ONE[@]}"
     stamp "length mix: rounds at 2x4, two at once"; DATA=$MIX RLIMIT=170 round mix-base
     stamp "length mix: rounds at 8x1, one trainer"; DATA=$MIX RLIMIT=170 round mix-one-mb8 "${ONE[@]}"
+    ;;
+  C)
+    stamp "rounds at 2x4, two trainings at once"; RLIMIT=200 round base
+    stamp "rounds at 8x1, one trainer, compiled"; RLIMIT=200 round one-mb8-compiled "${ONE_COMPILED[@]}"
+    stamp "length mix: rounds at 8x1, one trainer, compiled"; DATA=$MIX RLIMIT=200 round mix-one-mb8-compiled "${ONE_COMPILED[@]}"
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"

@@ -134,6 +134,9 @@ class ProcessDeployment:
             for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
                 print(line, flush=True)
         self.timeline["checked"] = round(time.monotonic() - start, 2)
+        # Trainers need neither the SuperLink nor a port: started first, their imports and model
+        # load, the longest part of a start-up on a GPU host, overlap the SuperLink's and nodes'.
+        self._start_trainers()
         # Each start is a new federation: nodes of earlier starts would linger as offline.
         (self.workdir / "superlink.db").unlink(missing_ok=True)
         register_connection(self.cli.flwr_home, self.connection)
@@ -157,7 +160,6 @@ class ProcessDeployment:
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
         self.timeline["superlink"] = round(time.monotonic() - start, 2)
-        self._start_trainers()
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self.start(
                 node.name,
