@@ -65,19 +65,6 @@ def _layout(deployment) -> str:
 
 
 @pytest.mark.deployment
-@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
-def test_trainers_start_before_the_superlink_and_the_start_up_is_timed(deployment):
-    """The trainers' imports and model load are a start-up's longest part on a GPU host:
-    started before the SuperLink, they overlap its start and the SuperNodes'."""
-    names = (deployment.topology.trainers[0].name, "superlink", deployment.topology.nodes[0].name)
-    created = [psutil.Process(deployment.pid_of(name)).create_time() for name in names]
-    assert created == sorted(created), dict(zip(names, created))
-    timeline = deployment.timeline
-    assert list(timeline) == ["checked", "superlink", "supernodes", "trainers"]
-    assert 0 <= timeline["checked"] <= timeline["superlink"] <= timeline["supernodes"] <= timeline["trainers"]
-
-
-@pytest.mark.deployment
 @pytest.mark.parametrize(
     ("deployment", "use_flexlora"),
     # The aggregation is the ServerApp's, the same for both layouts: FlexLoRA runs once, on the trainer.
@@ -151,6 +138,19 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
     # Flower's SuperExecs never wait for the ClientApps and the ServerApp they start; run under
     # deploy.reaped, those exited processes left no zombie behind.
     assert _lasting_zombies(deployment.pids()) == []
+
+
+@pytest.mark.deployment
+@pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
+def test_trainers_start_before_the_superlink_and_the_start_up_is_timed(deployment):
+    """The trainers' imports and model load are a start-up's longest part on a GPU host:
+    started before the SuperLink, they overlap its start and the SuperNodes'."""
+    names = (deployment.topology.trainers[0].name, "superlink", deployment.topology.nodes[0].name)
+    created = [psutil.Process(deployment.pid_of(name)).create_time() for name in names]
+    assert created == sorted(created), dict(zip(names, created))
+    timeline = deployment.timeline
+    assert list(timeline) == ["checked", "superlink", "supernodes", "trainers"]
+    assert 0 <= timeline["checked"] <= timeline["superlink"] <= timeline["supernodes"] <= timeline["trainers"]
 
 
 @pytest.mark.deployment
