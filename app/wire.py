@@ -52,7 +52,7 @@ def decode(data: bytes, dtype: str) -> dict[str, torch.Tensor]:
         state = load(data)
     except SafetensorError as err:
         raise WireError(f"{KEY} is not a safetensors file: {err}") from None
-    for key, tensor in state.items():
+    for key, tensor in sorted(state.items()):  # the file's order is not the writer's: name the first by name
         if tensor.dtype != getattr(torch, dtype):
             raise WireError(f"{KEY}: {key} is {tensor.dtype}, the wire carries torch.{dtype} (strategy.wire-dtype)")
     return {k: v.float() for k, v in state.items()}

@@ -148,12 +148,11 @@ def summary(rows: list[dict], startup: float) -> dict:
 def run_phases(cli: FlwrCli, run_id: str, submitted: float, returned: float, elapsed: float) -> dict:
     """Where a run's time outside its rounds goes, from the SuperLink's own timestamps of
     the run (`flwr ls`: pending, running, finished) and our wall clock around `flwr run`."""
-    reply = cli.ask("ls", cli.connection, "--run-id", run_id) or {}
-    run = (reply.get("runs") or [{}])[0]
+    run = cli.run(run_id) or {}
     try:
         at = {k: datetime.fromisoformat(run[f"{k}-at"]).timestamp() for k in ("pending", "running", "finished")}
     except (KeyError, TypeError, ValueError):
-        return {"unavailable": f"flwr ls gave {run or reply}"}
+        return {"unavailable": f"flwr ls gave {run or 'no answer'}"}
     return {
         "submission": round(at["pending"] - submitted, 2),  # `flwr run`: its start, the FAB, the upload
         "serverapp-start": round(at["running"] - at["pending"], 2),  # SuperExec's poll, process start, imports
@@ -343,7 +342,14 @@ def main() -> None:
                     # elapsed time: submission, the ServerApp's start and the end's polling.
                     "outside-serverapp-seconds": round(returned - submitted - elapsed, 1),
                     "outside-serverapp-parts": run_phases(cli, run_id, submitted, returned, elapsed),
+                    # Measured, not extrapolated: `flwr run` until the SuperLink says finished; the
+                    # first run on the deployment also carries its start-up (the user's whole job).
+                    "run-seconds": round(returned - submitted, 1),
                 }
+                if len(result["runs"]) == 1:
+                    result["runs"][key]["measured-job-seconds"] = round(
+                        result["startup-seconds"] + returned - submitted, 1
+                    )
                 for r in rows:
                     print(
                         f"[{args.label} {key}] round {r['round']}: {r['seconds']} s = training {r['training']} + "

@@ -201,11 +201,17 @@ class FlwrCli:
         """The ServerApp's log so far, at once."""
         return self._run("log", run_id, self.connection, "--show").stdout
 
-    def status(self, run_id: str) -> tuple[str, str]:
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """The SuperLink's record of one run (`flwr ls --run-id`: status, timestamps), if it answers."""
         reply = self.ask("ls", self.connection, "--run-id", run_id)
         if not reply or not reply.get("success") or not reply.get("runs"):
+            return None
+        return reply["runs"][0]
+
+    def status(self, run_id: str) -> tuple[str, str]:
+        run = self.run(run_id)
+        if run is None:
             return "unknown", "flwr ls gave no answer"
-        run = reply["runs"][0]
         return run["status"], run.get("status-details", "")
 
     def run_to_completion(

@@ -14,8 +14,14 @@
 #      torch.compile (lever 2; each shape twice, the first warms up), 2x4 and 8x1 on the length mix (lever 7)
 #   X  carry as K: the 8x1 one-trainer round with Flower's waits shortened (lever 4), and the rounds of S
 #      on the length mix (lever 7; bench/make_smoke_data.py --words 10 --words-max 450)
-#   C  carry as K: lever 2 in the round: today's round (the machine's baseline), then 8x1 with one trainer
-#      and model.compile=true on the long rows and on the length mix (recompiles per padded length)
+#   C  carry as K: lever 2 in the round: 8x1 with one trainer and model.compile=true on the long rows and
+#      on the length mix (recompiles per padded length); Flower's logs stamped (FLWR_LOG_LEVEL=DEBUG) and
+#      each round's hops appended to the log (bench/round_timeline.py)
+#   J  carry as K, right after C: today's round (the machine's baseline, stamped), then the whole 10-round
+#      job in the layout of C on the long rows, measured from the deployment's start to the run's end
+#   Q  carry as K, right after J: the seed's re-created pipeline, the whole 10-round FedAvg job
+#      (bench/seed_mode.py --rounds 10, ~630 s), started in its own session so it outlives this call
+#   R  carry as K, right after Q: waits for Q's job to end and brings back its JSON and log
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -25,12 +31,15 @@ gemma2_host "$R/model_build.json"
 MB8="train.training-arguments.per-device-train-batch-size=8 train.training-arguments.gradient-accumulation-steps=1"
 round() {  # LABEL [round_bench options...]
   local label=$1; shift
-  timeout -k 30 "${RLIMIT:-280}" $PY bench/round_bench.py --label "$label" --gpus 0 --runs fedavg --rounds 3 --model "$MODEL" \
-    --data "$DATA" --workdir "/var/tmp/round-bench-$label" --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
+  timeout -k 30 "${RLIMIT:-280}" env ${STAMPED:+FLWR_LOG_LEVEL=DEBUG} $PY bench/round_bench.py --label "$label" --gpus 0 \
+    --runs fedavg --rounds "${ROUNDS:-3}" --model "$MODEL" --data "$DATA" --workdir "/var/tmp/round-bench-$label" \
+    --json "$R/$label.json" "$@" > "$R/$label.log" 2>&1
   echo "$label exited $?"
+  # Flower's own hops in each round (pull, ClientApp process start, reply), from its stamped logs
+  [ -n "${STAMPED:-}" ] && $PY bench/round_timeline.py "/var/tmp/round-bench-$label/$label/logs" >> "$R/$label.log" 2>&1
   # the trainers' own model-load seconds, beside the deployment's start-up timeline
   grep -h "loaded" /var/tmp/round-bench-"$label"/"$label"/logs/trainer*.log >> "$R/$label.log" 2>/dev/null
-  grep -E "^\[|loaded" "$R/$label.log"
+  grep -E "^\[|loaded|^median seconds" "$R/$label.log"
   cp "$R/$label.json" "$R/$label.log" "$O/" 2>/dev/null  # this call's files only: at most 8 come back
 }
 MIX=$PWD/.gpu-carry/mix-alpaca.json
@@ -80,9 +89,31 @@ case "$1" in
     stamp "length mix: rounds at 8x1, one trainer"; DATA=$MIX RLIMIT=170 round mix-one-mb8 "${ONE[@]}"
     ;;
   C)
-    stamp "rounds at 2x4, two trainings at once"; RLIMIT=200 round base
-    stamp "rounds at 8x1, one trainer, compiled"; RLIMIT=200 round one-mb8-compiled "${ONE_COMPILED[@]}"
-    stamp "length mix: rounds at 8x1, one trainer, compiled"; DATA=$MIX RLIMIT=200 round mix-one-mb8-compiled "${ONE_COMPILED[@]}"
+    export STAMPED=1
+    stamp "rounds at 8x1, one trainer, compiled"; RLIMIT=220 round one-mb8-compiled "${ONE_COMPILED[@]}"
+    stamp "length mix: rounds at 8x1, one trainer, compiled"; DATA=$MIX RLIMIT=220 round mix-one-mb8-compiled "${ONE_COMPILED[@]}"
+    ;;
+  J)
+    export STAMPED=1
+    stamp "rounds at 2x4, two trainings at once (today)"; RLIMIT=200 round base
+    stamp "the 10-round job at 8x1, one trainer, compiled"; ROUNDS=10 RLIMIT=330 round job-one-mb8-compiled "${ONE_COMPILED[@]}"
+    ;;
+  Q)
+    stamp "the seed's pipeline: the 10-round FedAvg job, in its own session"
+    rm -f "$R/seed10.json" "$R/seed10.done"
+    # single quotes: the inner shell expands these, exported for it
+    export PY MODEL DATA R
+    setsid bash -c 'start=$(date +%s); $PY bench/seed_mode.py --model "$MODEL" --data-files "$DATA" --quantization 4 \
+      --rounds 10 --json "$R/seed10.json" > "$R/seed10.log" 2>&1; echo "exit $? wall $(( $(date +%s) - start )) s" \
+      > "$R/seed10.done"' < /dev/null > /dev/null 2>&1 &
+    for _ in $(seq 1 "${WAIT:-540}"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
+    grep -E "^round|^save|import" "$R/seed10.log"
+    ;;
+  R)
+    stamp "waiting for the seed's 10-round job"
+    for _ in $(seq 1 "${WAIT:-400}"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
+    cat "$R/seed10.done"; grep -E "^round|^save|import" "$R/seed10.log"
+    cp "$R/seed10.json" "$R/seed10.log" "$R/seed10.done" "$O/" 2>/dev/null
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
