@@ -55,7 +55,7 @@ def chart(rows: dict[str, dict], title: str, png: Path) -> None:
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {bar.get_width():.0f}{extra}", va="center")
         ax.set_xlabel(label)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(values) * 1.35)
+        ax.set_xlim(0, max(values) * 1.6)
     axes[1].set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()

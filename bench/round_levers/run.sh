@@ -17,11 +17,12 @@
 #   C  carry as K: lever 2 in the round: 8x1 with one trainer and model.compile=true on the long rows and
 #      on the length mix (recompiles per padded length); Flower's logs stamped (FLWR_LOG_LEVEL=DEBUG) and
 #      each round's hops appended to the log (bench/round_timeline.py)
-#   J  carry as K, right after C: today's round (the machine's baseline, stamped), then the whole 10-round
-#      job in the layout of C on the long rows, measured from the deployment's start to the run's end
+#   J  carry as K: the whole 10-round job in the layout of C on the long rows, measured from the
+#      deployment's start to the run's end, stamped
 #   Q  carry as K, right after J: the seed's re-created pipeline, the whole 10-round FedAvg job
 #      (bench/seed_mode.py --rounds 10, ~630 s), started in its own session so it outlives this call
-#   R  carry as K, right after Q: waits for Q's job to end and brings back its JSON and log
+#   R  carry as K, right after Q: waits for Q's job to end and brings back its JSON and log, then
+#      today's layout (2x4, two trainings at once, 3 rounds, stamped) on the same machine
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -95,8 +96,7 @@ case "$1" in
     ;;
   J)
     export STAMPED=1
-    stamp "rounds at 2x4, two trainings at once (today)"; RLIMIT=200 round base
-    stamp "the 10-round job at 8x1, one trainer, compiled"; ROUNDS=10 RLIMIT=330 round job-one-mb8-compiled "${ONE_COMPILED[@]}"
+    stamp "the 10-round job at 8x1, one trainer, compiled"; ROUNDS=10 RLIMIT=420 round job-one-mb8-compiled "${ONE_COMPILED[@]}"
     ;;
   Q)
     stamp "the seed's pipeline: the 10-round FedAvg job, in its own session"
@@ -114,6 +114,8 @@ case "$1" in
     for _ in $(seq 1 "${WAIT:-400}"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
     cat "$R/seed10.done"; grep -E "^round|^save|import" "$R/seed10.log"
     cp "$R/seed10.json" "$R/seed10.log" "$R/seed10.done" "$O/" 2>/dev/null
+    export STAMPED=1
+    stamp "rounds at 2x4, two trainings at once (today's layout)"; RLIMIT=${BASE_LIMIT:-200} round base
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
