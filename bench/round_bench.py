@@ -50,6 +50,7 @@ from deploy.topology import Host, parse_gpus, plan, trainers_per_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
+JOB_ROUNDS = 10  # the leaderboard's num-server-rounds: a whole job
 
 
 class GpuSampler:
@@ -140,7 +141,7 @@ def summary(rows: list[dict], startup: float) -> dict:
         "clients-measured": sum(len(r["clients"]) for r in measured),
         "queued-clients": sum(1 for r in measured for c in r["clients"] if c["queue-seconds"] > 0.5),
         "overflow-clients": sum(1 for r in measured for c in r["clients"] if c["trainer-overflow"]),
-        "extrapolated-10-round-job-seconds": round(startup + rows[0]["seconds"] + 9 * median, 1),
+        "extrapolated-10-round-job-seconds": round(startup + rows[0]["seconds"] + (JOB_ROUNDS - 1) * median, 1),
         "extrapolation": "deployment start-up + round 1 + 9 x median of rounds 2..N (extrapolated, not measured)",
     }
 
@@ -148,11 +149,11 @@ def summary(rows: list[dict], startup: float) -> dict:
 def run_phases(cli: FlwrCli, run_id: str, submitted: float, returned: float, elapsed: float) -> dict:
     """Where a run's time outside its rounds goes, from the SuperLink's own timestamps of
     the run (`flwr ls`: pending, running, finished) and our wall clock around `flwr run`."""
-    run = cli.run(run_id) or {}
+    run = cli.run_record(run_id) or {}
     try:
         at = {k: datetime.fromisoformat(run[f"{k}-at"]).timestamp() for k in ("pending", "running", "finished")}
     except (KeyError, TypeError, ValueError):
-        return {"unavailable": f"flwr ls gave {run or 'no answer'}"}
+        return {"unavailable": f"flwr ls gave {run or 'no record of the run'}"}
     return {
         "submission": round(at["pending"] - submitted, 2),  # `flwr run`: its start, the FAB, the upload
         "serverapp-start": round(at["running"] - at["pending"], 2),  # SuperExec's poll, process start, imports
@@ -342,13 +343,13 @@ def main() -> None:
                     # elapsed time: submission, the ServerApp's start and the end's polling.
                     "outside-serverapp-seconds": round(returned - submitted - elapsed, 1),
                     "outside-serverapp-parts": run_phases(cli, run_id, submitted, returned, elapsed),
-                    # Measured, not extrapolated: `flwr run` until the SuperLink says finished; the
-                    # first run on the deployment also carries its start-up (the user's whole job).
+                    # Measured, not extrapolated: `flwr run` until the SuperLink says finished; a
+                    # 10-round first run on the deployment, with its start-up, is the user's whole job.
                     "run-seconds": round(returned - submitted, 1),
                 }
-                if len(result["runs"]) == 1:
+                if len(result["runs"]) == 1 and args.rounds == JOB_ROUNDS:
                     result["runs"][key]["measured-job-seconds"] = round(
-                        result["startup-seconds"] + returned - submitted, 1
+                        result["startup-seconds"] + result["runs"][key]["run-seconds"], 1
                     )
                 for r in rows:
                     print(

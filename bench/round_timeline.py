@@ -24,6 +24,7 @@ from pathlib import Path
 STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ROUND = re.compile(r"partition \d+, round (\d+): trained")
+RUN = re.compile(r"Requesting `Run` for run_id=(\d+)")
 # A SuperNode's events in the order they happen in a round, and the text that marks each.
 EVENTS = {
     "pulled": "Receiving: train message",
@@ -60,7 +61,12 @@ def node_events(path: Path) -> dict[int, dict[str, float]]:
 
 
 def timeline(logs: Path) -> list[dict]:
-    pushes = [t for t, line in stamped(logs / "superlink.log") if "Runtime.PushMessages" in line]
+    superlink = list(stamped(logs / "superlink.log"))
+    # Rounds are told apart by number: the rounds of two runs would merge.
+    runs = {m.group(1) for _, line in superlink if (m := RUN.search(line))}
+    if len(runs) > 1:
+        raise SystemExit(f"{logs}: {len(runs)} runs in these logs; give the logs of a deployment that served one")
+    pushes = [t for t, line in superlink if "Runtime.PushMessages" in line]
     per_round: dict[int, dict[str, dict[str, float]]] = {}
     for path in sorted(logs.glob("supernode-*.log")):
         for rnd, events in node_events(path).items():
@@ -86,15 +92,24 @@ def timeline(logs: Path) -> list[dict]:
     return rows
 
 
+# Flower's hops between those events; the handler's own time (queue and training) is ours.
+HOPS = [
+    ("pulled", "received"),
+    ("received", "clientapp-started"),
+    ("clientapp-started", "app-loaded"),
+    ("handler-done", "sending"),
+    ("sending", "sent"),
+]
+
+
 def gaps(rows: list[dict]) -> dict[str, float]:
-    """Median seconds of each step over every node and round: what each of Flower's hops costs."""
-    steps = list(EVENTS)
+    """Median seconds of each hop over every node and round: what each of Flower's hops costs."""
     out: dict[str, list[float]] = {}
     for row in rows:
         for events in row["nodes"].values():
             out.setdefault("push->pulled", []).append(events["pulled"])
-            for a, b in zip(steps, steps[1:], strict=False):
-                if a in events and b in events and not (a == "app-loaded" and b == "handler-done"):
+            for a, b in HOPS:
+                if a in events and b in events:
                     out.setdefault(f"{a}->{b}", []).append(events[b] - events[a])
         last = max((e.get("sent", 0.0) for e in row["nodes"].values()), default=0.0)
         if row["next-push"] is not None:

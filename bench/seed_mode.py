@@ -355,7 +355,8 @@ def main() -> None:
         "save-measured-once": True,
         "saves-in-job": job_saves,
         "extrapolated-10-round-job-seconds": None if extrapolated is None else round(extrapolated, 1),
-        # With --rounds 10 the whole job ran: imports and every round, its saves at 5 and 10 included.
+        # With --rounds 10 the whole job ran: imports and every round, with the saves of every
+        # --save-every rounds (the template's 5 and 10 by default).
         "measured-job-seconds": round(import_seconds + APP_IMPORT_SECONDS + sum(r["round-seconds"] for r in rounds), 1)
         if args.rounds == JOB_ROUNDS
         else None,

@@ -201,15 +201,16 @@ class FlwrCli:
         """The ServerApp's log so far, at once."""
         return self._run("log", run_id, self.connection, "--show").stdout
 
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        """The SuperLink's record of one run (`flwr ls --run-id`: status, timestamps), if it answers."""
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        """`flwr ls --run-id`'s entry, or None: a SuperLink that is still starting or already
+        gone answers without one, and callers must tell that from a run's own status."""
         reply = self.ask("ls", self.connection, "--run-id", run_id)
         if not reply or not reply.get("success") or not reply.get("runs"):
             return None
         return reply["runs"][0]
 
     def status(self, run_id: str) -> tuple[str, str]:
-        run = self.run(run_id)
+        run = self.run_record(run_id)
         if run is None:
             return "unknown", "flwr ls gave no answer"
         return run["status"], run.get("status-details", "")

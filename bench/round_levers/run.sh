@@ -46,6 +46,10 @@ round() {  # LABEL [round_bench options...]
 MIX=$PWD/.gpu-carry/mix-alpaca.json
 ONE=(--trainers-per-gpu 1 --run-config "$MB8")
 ONE_COMPILED=(--trainers-per-gpu 1 --run-config "$MB8 model.compile=true")
+seed10_wait() {  # SECONDS: until phase Q's job has ended, at most that long
+  for _ in $(seq 1 "$1"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
+  cat "$R/seed10.done" 2>/dev/null; grep -E "^round|^save|import" "$R/seed10.log"
+}
 step() {  # LABEL [microbatch options...]: one client, 10 steps
   local label=$1; shift
   stamp "one client: $label"
@@ -101,19 +105,21 @@ case "$1" in
   Q)
     stamp "the seed's pipeline: the 10-round FedAvg job, in its own session"
     rm -f "$R/seed10.json" "$R/seed10.done"
+    # its own copy of the rows: the next call's carry replaces .gpu-carry while the job reads them
+    cp "$DATA" "$R/seed-data.json"
     # single quotes: the inner shell expands these, exported for it
-    export PY MODEL DATA R
-    setsid bash -c 'start=$(date +%s); $PY bench/seed_mode.py --model "$MODEL" --data-files "$DATA" --quantization 4 \
-      --rounds 10 --json "$R/seed10.json" > "$R/seed10.log" 2>&1; echo "exit $? wall $(( $(date +%s) - start )) s" \
-      > "$R/seed10.done"' < /dev/null > /dev/null 2>&1 &
-    for _ in $(seq 1 "${WAIT:-540}"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
-    grep -E "^round|^save|import" "$R/seed10.log"
+    export PY MODEL R
+    setsid bash -c 'start=$(date +%s); $PY bench/seed_mode.py --model "$MODEL" --data-files "$R/seed-data.json" \
+      --quantization 4 --rounds 10 --json "$R/seed10.json" > "$R/seed10.log" 2>&1; \
+      echo "exit $? wall $(( $(date +%s) - start )) s" > "$R/seed10.done"' < /dev/null > /dev/null 2>&1 &
+    seed10_wait "${WAIT:-480}"
     ;;
   R)
     stamp "waiting for the seed's 10-round job"
-    for _ in $(seq 1 "${WAIT:-400}"); do [ -f "$R/seed10.done" ] && break; sleep 1; done
-    cat "$R/seed10.done"; grep -E "^round|^save|import" "$R/seed10.log"
+    seed10_wait "${WAIT:-300}"
     cp "$R/seed10.json" "$R/seed10.log" "$R/seed10.done" "$O/" 2>/dev/null
+    # today's layout needs the GPU to itself
+    [ -f "$R/seed10.done" ] || { echo "the seed's job is still running: no baseline round in this call"; exit 1; }
     export STAMPED=1
     stamp "rounds at 2x4, two trainings at once (today's layout)"; RLIMIT=${BASE_LIMIT:-200} round base
     ;;
