@@ -142,7 +142,8 @@ def summary(rows: list[dict], startup: float) -> dict:
         "queued-clients": sum(1 for r in measured for c in r["clients"] if c["queue-seconds"] > 0.5),
         "overflow-clients": sum(1 for r in measured for c in r["clients"] if c["trainer-overflow"]),
         "extrapolated-10-round-job-seconds": round(startup + rows[0]["seconds"] + (JOB_ROUNDS - 1) * median, 1),
-        "extrapolation": "deployment start-up + round 1 + 9 x median of rounds 2..N (extrapolated, not measured)",
+        "extrapolation": f"deployment start-up + round 1 + {JOB_ROUNDS - 1} x median of rounds 2..N "
+        "(extrapolated, not measured)",
     }
 
 
@@ -328,6 +329,7 @@ def main() -> None:
                 run_id = cli.submit(ROOT, overrides, args.workdir / args.label)
                 status, details = cli.wait_finished(run_id, timeout=3600)
                 returned = time.time()
+                run_seconds = returned - submitted
                 if status != "finished:completed":
                     raise SystemExit(f"[{args.label} {key}] run {run_id}: {status} {details}")
                 (run_dir,) = results.glob(f"*-run{run_id}")
@@ -341,16 +343,14 @@ def main() -> None:
                     "peak-gpu-mib": sampler.take(gpus),
                     # From `flwr run` until the status says finished, less the ServerApp's own
                     # elapsed time: submission, the ServerApp's start and the end's polling.
-                    "outside-serverapp-seconds": round(returned - submitted - elapsed, 1),
+                    "outside-serverapp-seconds": round(run_seconds - elapsed, 1),
                     "outside-serverapp-parts": run_phases(cli, run_id, submitted, returned, elapsed),
                     # Measured, not extrapolated: `flwr run` until the SuperLink says finished; a
                     # 10-round first run on the deployment, with its start-up, is the user's whole job.
-                    "run-seconds": round(returned - submitted, 1),
+                    "run-seconds": round(run_seconds, 1),
                 }
                 if len(result["runs"]) == 1 and args.rounds == JOB_ROUNDS:
-                    result["runs"][key]["measured-job-seconds"] = round(
-                        result["startup-seconds"] + result["runs"][key]["run-seconds"], 1
-                    )
+                    result["runs"][key]["measured-job-seconds"] = round(result["startup-seconds"] + run_seconds, 1)
                 for r in rows:
                     print(
                         f"[{args.label} {key}] round {r['round']}: {r['seconds']} s = training {r['training']} + "
