@@ -22,7 +22,10 @@
 #   Q  carry as K, right after J: the seed's re-created pipeline, the whole 10-round FedAvg job
 #      (bench/seed_mode.py --rounds 10, ~630 s), started in its own session so it outlives this call
 #   R  carry as K, right after Q: waits for Q's job to end and brings back its JSON and log, then
-#      today's layout (2x4, two trainings at once, 3 rounds, stamped) on the same machine
+#      today's layout (2x4, two trainings at once, 3 rounds, stamped) on the same machine; BASE=0 leaves
+#      that out (`BASE=0 bash bench/round_levers/run.sh R`)
+#   G  carry as K, right after J where device time is too short for Q and R: the seed's pipeline for 3
+#      rounds (~230 s), its 10-round job extrapolated from imports, round 1 and the median
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -120,8 +123,15 @@ case "$1" in
     cp "$R/seed10.json" "$R/seed10.log" "$R/seed10.done" "$O/" 2>/dev/null
     # today's layout needs the GPU to itself
     [ -f "$R/seed10.done" ] || { echo "the seed's job is still running: no baseline round in this call"; exit 1; }
+    # BASE=0: the seed's job only, where device time is short
+    [ "${BASE:-1}" = 1 ] || { stamp "done"; exit 0; }
     export STAMPED=1
     stamp "rounds at 2x4, two trainings at once (today's layout)"; RLIMIT=${BASE_LIMIT:-200} round base
+    ;;
+  G)
+    stamp "the seed's pipeline: 3 FedAvg rounds, its 10-round job extrapolated"
+    timeout -k 30 "${LIMIT:-300}" $PY bench/seed_mode.py --model "$MODEL" --data-files "$DATA" \
+      --quantization 4 --rounds 3 --json "$O/seed3.json" 2>&1 | grep -E "^round|^save|import|Error"
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
