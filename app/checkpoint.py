@@ -24,13 +24,20 @@ from safetensors.torch import load_file, save_file
 from app.config import AppConfig, ConfigError, ModelSettings
 from app.durable import append_line, fsync_path, replace_folder, write_durably
 from app.models import lora_config
-from app.report import METRICS_JSONL, SETTINGS_JSON, progress_line, read_metrics, write_plots, write_summary
+from app.report import (
+    METRICS_JSONL,
+    RESUME_JSON,
+    SETTINGS_JSON,
+    progress_line,
+    read_metrics,
+    write_plots,
+    write_summary,
+)
 from app.strategy import RoundReport
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-RESUME_JSON = "resume.json"
 STATE_DIR = "state"  # state/round-<k>: the global adapter after round k, for a resumed run
 
 

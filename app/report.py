@@ -21,6 +21,7 @@ BUDGET_BYTES = 200 * 10**9
 SUMMARY_JSON, SUMMARY_MD, SETTINGS_JSON = "summary.json", "summary.md", "run.json"
 LOSS_PNG, TIME_PNG = "loss.png", "round_time.png"
 METRICS_JSONL = "metrics.jsonl"
+RESUME_JSON = "resume.json"  # written after each round: what a resume starts from
 # What `round_rows` reads of a line: a line without one of them is not a round's record.
 ROUND_KEYS = (
     "round",

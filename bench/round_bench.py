@@ -4,6 +4,10 @@ Starts the topology `deploy run` would (`ProcessDeployment`: a SuperLink, 20 Sup
 and, unless --trainers-per-gpu 0, the warm trainers of each GPU), then submits one run
 per --runs entry on that same deployment with `flwr run`, waits for each, and reads its
 metrics.jsonl. GPU memory is sampled from nvidia-smi every second, per GPU and per process.
+As under `deploy run`, the first run is submitted once the SuperNodes are online, while the
+trainers may still load the model: `startup-seconds` ends there, the first run's round 1
+holds the rest of the load, and `startup-timeline` says when the run was submitted and
+when the trainers were ready.
 
 Per round: `seconds` (between metrics lines; round 1 counts from the ServerApp's start),
 `training` (the slowest client's train-seconds), `client-start` (that client's time in
@@ -35,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -46,6 +50,7 @@ from app.report import round_rows as report_rows
 from deploy.backends.process import ProcessDeployment, free_port
 from deploy.flwr_cli import FlwrCli, local_superlink_env, stop_local_superlink
 from deploy.project import resolve_run_config
+from deploy.timeline import Timeline
 from deploy.topology import Host, parse_gpus, plan, trainers_per_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,10 +191,13 @@ def trainers_that_fit(config, gpus: list[int]) -> int:
 
 
 @contextmanager
-def docker_stack(args: argparse.Namespace, sent: dict, env: dict, trainers: int) -> Iterator[tuple[FlwrCli, dict]]:
+def docker_stack(
+    args: argparse.Namespace, sent: dict, env: dict, trainers: int
+) -> Iterator[tuple[FlwrCli, dict, Timeline, Callable[[], None]]]:
     """`deploy up` of this host's stack, torn down (`deploy down`) however the runs end.
-    Yields the CLI of its connection and what the runs' overrides must say instead of host
-    paths: the containers see the model at /model and the data file under /data."""
+    Yields the CLI of its connection, what the runs' overrides must say instead of host
+    paths (the containers see the model at /model and the data file under /data), a
+    timeline from `deploy up`'s start, and no liveness check (the stack waited for its trainers)."""
     model, data = Path(args.model).resolve(), Path(args.data).resolve()
     inside = {"model.name": "/model", "dataset.data-files": f"/data/{data.name}"}
     config = " ".join(f"{k}={json.dumps(v)}" for k, v in {**sent, **inside}.items())
@@ -212,35 +220,42 @@ def docker_stack(args: argparse.Namespace, sent: dict, env: dict, trainers: int)
     deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT)]
     subprocess.run([*deploy, "down", *layout], env=env, check=False, capture_output=True)
     try:
+        timeline = Timeline()
         subprocess.run(
             [*deploy, "up", *layout, "--no-submit", "--trainers-per-gpu", str(trainers)], env=env, check=True
         )
-        yield FlwrCli(Path(sys.executable).parent / "flwr", workdir / "flwr-home", "remote-deployment", env), inside
+        cli = FlwrCli(Path(sys.executable).parent / "flwr", workdir / "flwr-home", "remote-deployment", env)
+        yield cli, inside, timeline, lambda: None
     finally:
         subprocess.run([*deploy, "down", *layout], env=env, check=False)
 
 
 @contextmanager
 def process_deployment(
-    args: argparse.Namespace, topology, sent: dict, env: dict, timeline: dict
-) -> Iterator[tuple[FlwrCli, dict]]:
-    """Fills `timeline` with the start-up's parts (`ProcessDeployment.timeline`) once up."""
-    with ProcessDeployment(topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent) as deployment:
-        timeline.update(deployment.timeline)
-        yield deployment.cli, {}
+    args: argparse.Namespace, topology, sent: dict, env: dict
+) -> Iterator[tuple[FlwrCli, dict, Timeline, Callable[[], None]]]:
+    """Up once the nodes are, as under `deploy run`: its timeline marks the trainers' readiness
+    later, and its `check_alive` ends a run whose trainers cannot load at once."""
+    with ProcessDeployment(
+        topology, args.workdir / args.label, env, app_dir=ROOT, run_config=sent, wait_trainers=False
+    ) as deployment:
+        yield deployment.cli, {}, deployment.timeline, deployment.check_alive
 
 
 @contextmanager
-def simulation_engine(args: argparse.Namespace, env: dict) -> Iterator[tuple[FlwrCli, dict]]:
+def simulation_engine(
+    args: argparse.Namespace, env: dict
+) -> Iterator[tuple[FlwrCli, dict, Timeline, Callable[[], None]]]:
     """The `local-simulation` connection in a FLWR_HOME of this label; the local SuperLink the
     first `flwr run` starts is stopped however the runs end."""
     home = args.workdir / args.label / "flwr-home"
     bin_dir = Path(sys.executable).parent
     env = {**local_superlink_env(env, home, bin_dir), "CUDA_VISIBLE_DEVICES": args.gpus}
     deploy = [sys.executable, "-m", "deploy", "--app", str(ROOT), "simulation", "--gpus", args.gpus]
+    timeline = Timeline()
     subprocess.run(deploy, env=env, check=True)
     try:
-        yield FlwrCli(bin_dir / "flwr", home, "local-simulation", env), {}
+        yield FlwrCli(bin_dir / "flwr", home, "local-simulation", env), {}, timeline, lambda: None
     finally:
         stop_local_superlink(home)
 
@@ -306,12 +321,13 @@ def main() -> None:
         elif args.backend == "simulation":
             stack = simulation_engine(args, env)
         else:
-            stack = process_deployment(args, topology, sent, env, result.setdefault("startup-timeline", {}))
-        with stack as (cli, inside):
+            stack = process_deployment(args, topology, sent, env)
+        with stack as (cli, inside, timeline, alive):
             result["startup-seconds"] = round(time.monotonic() - start, 1)
+            result["startup-timeline"] = timeline  # the trainers' readiness and the submission are marked later
             print(
                 f"[{args.label}] deployment up in {result['startup-seconds']} s, "
-                f"{result['trainers-per-gpu']} trainers per GPU, {result.get('startup-timeline', {})}",
+                f"{result['trainers-per-gpu']} trainers per GPU, {timeline}",
                 flush=True,
             )
             sampler.take(gpus)
@@ -327,7 +343,8 @@ def main() -> None:
                     overrides.update({"leaderboard": False, "static.strategy.fraction-train": fraction})
                 submitted = time.time()
                 run_id = cli.submit(ROOT, overrides, args.workdir / args.label)
-                status, details = cli.wait_finished(run_id, timeout=3600)
+                timeline.mark("submitted")
+                status, details = cli.wait_finished(run_id, timeout=3600, alive=alive)
                 returned = time.time()
                 run_seconds = returned - submitted
                 if status != "finished:completed":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from app.config import AppConfig, ConfigError
 from app.evaluation import EvaluationError
+from app.report import RESUME_JSON
 from deploy import cdi, evaluation, stack_steps, supernode, swarm
 from deploy.backends.docker import DockerDeployment
 from deploy.backends.process import ProcessDeployment, free_port
@@ -87,17 +88,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_results_dir(config.results_dir)
     print(topology.table())
     workdir = args.workdir or args.app / ".deploy"
-    with ProcessDeployment(topology, workdir, os.environ, app_dir=args.app, run_config=sent) as deployment:
+    with ProcessDeployment(
+        topology, workdir, os.environ, app_dir=args.app, run_config=sent, wait_trainers=False
+    ) as deployment:
         print(f"SuperLink and {len(topology.nodes)} SuperNodes are up (logs: {deployment.workdir / 'logs'}).")
-        try:
-            status = deployment.cli.run_to_completion(args.app, sent, deployment.workdir, alive=deployment.check_alive)
-        except DeployError as died:  # the SuperLink or a trainer: everything is stopped on the way out
-            raise DeployError(
-                f"{died}; the rounds completed so far are saved in the run's folder under {config.results_dir}: "
-                "continue with `deploy run --resume FOLDER`"
-            ) from None
+        status = run_on(deployment, args.app, sent, config)
     print(f"Results: {config.results_dir}")
     return 0 if status == "finished:completed" else 1
+
+
+def run_on(deployment: ProcessDeployment, app: Path, sent: dict, config: AppConfig) -> str:
+    """Submits the run and follows it to its end; the run's final status. Submitted as soon
+    as the nodes are online, its ServerApp starts while the trainers may still load the
+    model. A process of the deployment that dies meanwhile (the SuperLink, a trainer
+    supervisor that gave up loading) ends it with one line: the death, and what of the run
+    is saved, which decides whether `--resume` can help."""
+    run_id = deployment.cli.submit(app, sent, deployment.workdir)
+    deployment.timeline.mark("submitted")
+    try:
+        return deployment.cli.watch_run(run_id, alive=deployment.check_alive)
+    except DeployError as died:  # everything is stopped on the way out
+        folder = config.resume_from or next(config.results_dir.glob(f"*-run{run_id}"), None)
+        if folder is None or not (folder / RESUME_JSON).is_file():
+            raise DeployError(f"{died}; the run stopped before it completed a round: nothing to resume") from None
+        raise DeployError(
+            f"{died}; the rounds completed so far are saved in the run's folder under {config.results_dir}: "
+            "continue with `deploy run --resume FOLDER`"
+        ) from None
 
 
 def _check_layout(config: AppConfig, topology: Topology) -> None:

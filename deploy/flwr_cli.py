@@ -1,9 +1,9 @@
 """Talks to a running SuperLink through Flower's own `flwr` CLI, as a user would.
 
 Both backends use it: the readiness check (`flwr supernode ls`), run submission
-(`flwr run . <connection>`), log streaming and the final status (`flwr ls`). Going
-through the CLI keeps us on Flower's supported surface and proves the connection
-entry we register is the one users type.
+(`flwr run . <connection>`), log streaming, stopping a run (`flwr stop`) and the final
+status (`flwr ls`). Going through the CLI keeps us on Flower's supported surface and
+proves the connection entry we register is the one users type.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -25,6 +26,9 @@ from flwr.common.config import unflatten_dict
 
 from deploy.errors import DeployError
 from deploy.progress import follow
+
+# How often a followed run asks whether the processes it depends on are still up.
+ALIVE_PERIOD = 1.0
 
 
 def write_run_config(path: Path, run_config: Mapping[str, Any]) -> Path:
@@ -186,8 +190,15 @@ class FlwrCli:
             raise DeployError(f"flwr run failed: {' '.join(str(reason).split())}")
         return str(reply["run-id"])
 
-    def stream_logs(self, run_id: str) -> None:
-        """Blocks until the run finishes, showing the ServerApp's log as it goes (`deploy.progress`)."""
+    def stream_logs(self, run_id: str, alive: Callable[[], None] = lambda: None) -> None:
+        """Blocks until the run finishes, showing the ServerApp's log as it goes (`deploy.progress`).
+
+        `alive` is asked every ALIVE_PERIOD seconds meanwhile: once it raises (a trainer that
+        could not load its model), the run is stopped, the stream ended and its error raised,
+        instead of the rounds waiting out their timeout for clients that cannot train.
+        """
+        failed: list[DeployError] = []
+        done = threading.Event()
         with subprocess.Popen(
             [str(self.flwr), "log", run_id, self.connection, "--stream"],
             env={**self.env, "FLWR_HOME": str(self.flwr_home)},
@@ -195,7 +206,32 @@ class FlwrCli:
             stderr=subprocess.STDOUT,
             text=True,
         ) as streamed:
-            follow(streamed.stdout)
+
+            def watch() -> None:
+                while not done.wait(ALIVE_PERIOD):
+                    try:
+                        alive()
+                    except DeployError as died:
+                        failed.append(died)
+                        self.stop(run_id)
+                        streamed.terminate()  # whether or not the SuperLink could take the stop
+                        return
+
+            watcher = threading.Thread(target=watch, name="run-alive-watch", daemon=True)
+            watcher.start()
+            try:
+                follow(streamed.stdout)
+            finally:
+                done.set()
+                watcher.join()
+        if failed:
+            raise failed[0]
+
+    def stop(self, run_id: str) -> None:
+        """Asks the SuperLink to stop the run, so that its ServerApp ends and its status says so.
+        Its answer is not checked: callers stop the processes themselves next, and a SuperLink
+        that is gone has no run left to stop."""
+        self.ask("stop", run_id, self.connection)
 
     def log(self, run_id: str) -> str:
         """The ServerApp's log so far, at once."""
@@ -218,21 +254,28 @@ class FlwrCli:
     def run_to_completion(
         self, app_dir: Path, run_config: Mapping[str, Any], scratch: Path, alive: Callable[[], None] = lambda: None
     ) -> str:
-        """Submits, streams the ServerApp log, and returns the run's final status. The stream
-        also ends when the SuperLink dies; `alive` then raises, naming it."""
-        run_id = self.submit(app_dir, run_config, scratch)
+        """Submits, then `watch_run`."""
+        return self.watch_run(self.submit(app_dir, run_config, scratch), alive)
+
+    def watch_run(self, run_id: str, alive: Callable[[], None]) -> str:
+        """Streams the ServerApp log (`stream_logs`, which asks `alive` as it goes) and returns
+        the run's final status. The stream also ends when the SuperLink dies; `alive` then
+        raises, naming it."""
         print(f"Run {run_id} submitted; streaming the ServerApp log.", flush=True)
-        self.stream_logs(run_id)
+        self.stream_logs(run_id, alive)
         alive()
         status, details = self.wait_finished(run_id, timeout=60)
         print(f"Run {run_id}: {status} {details}".rstrip(), flush=True)
         return status
 
-    def wait_finished(self, run_id: str, timeout: float) -> tuple[str, str]:
-        """`flwr log --stream` can return a moment before the status flips to finished."""
+    def wait_finished(self, run_id: str, timeout: float, alive: Callable[[], None] = lambda: None) -> tuple[str, str]:
+        """`flwr log --stream` can return a moment before the status flips to finished. A caller
+        that waits here without streaming passes `alive`, which raises once a process the run
+        needs has died (a trainer that could not load), rather than after the rounds' timeouts."""
         deadline = time.monotonic() + timeout
         status, details = self.status(run_id)
         while not status.startswith("finished") and time.monotonic() < deadline:
+            alive()
             time.sleep(1)
             status, details = self.status(run_id)
         return status, details

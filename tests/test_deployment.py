@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from app.trainer_client import ping
 from deploy.backends.process import ProcessDeployment, free_port
+from deploy.cli import run_on
 from deploy.errors import DeployError
 from deploy.project import resolve_run_config
 from deploy.topology import Host, plan
@@ -144,7 +146,9 @@ def test_three_rounds(deployment, demo, tmp_path, capfd, use_flexlora):
 @pytest.mark.parametrize("deployment", ["trainer"], indirect=True)
 def test_trainers_start_before_the_superlink_and_the_start_up_is_timed(deployment):
     """The trainers' imports and model load are a start-up's longest part on a GPU host:
-    started before the SuperLink, they overlap its start and the SuperNodes'."""
+    started before the SuperLink, they overlap its start and the SuperNodes'. This deployment
+    waits for them in up(), as `deploy up --backend process` does; `deploy run`'s, which does
+    not, is timed in test_deploy_run_submits_the_run_while_the_trainer_still_loads."""
     names = (deployment.topology.trainers[0].name, "superlink", deployment.topology.nodes[0].name)
     created = [psutil.Process(deployment.pid_of(name)).create_time() for name in names]
     assert created == sorted(created), dict(zip(names, created))
@@ -408,6 +412,104 @@ def test_deploy_run_whose_superlink_dies_stops_everything_and_says_how_to_resume
         "deploy run with its SuperLink SIGKILLed after round 1 of 6",
         f"deploy run stopped every process it started and exited 2 with one line: "
         f"error: superlink exited with code -9: … continue with `deploy run --resume FOLDER`; rounds {kept} kept",
+    )
+
+
+LOG_TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ "  # a logging line's stamp: no part of an outcome
+# Two nodes, both sampled: short starts for the tests of `deploy run`'s order.
+TWO_NODES = {"leaderboard": False, "static.dataset.num-partitions": 2, "static.strategy.fraction-train": 1.0}
+
+
+def _trainer_held_back(tmp_path, until) -> Path:
+    """This environment's bin folder, but its `python` starts a `deploy trainer` only once the
+    folder `until` holds something (a run's folder: the run is submitted and its ServerApp
+    started) or after 120 s: a trainer whose model load outlasts the nodes' start, as a 9B
+    model's does on a GPU host, without depending on how fast this machine is."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = Path(sys.executable)
+    for entry in real.parent.iterdir():
+        if entry.name != "python":
+            (bin_dir / entry.name).symlink_to(entry)
+    python = bin_dir / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" trainer "*)\n'
+        f"  for _ in $(seq 1200); do [ -n \"$(ls -A '{until}')\" ] && break; sleep 0.1; done;;\n"
+        "esac\n"
+        f"exec '{real}' \"$@\"\n"
+    )
+    python.chmod(0o755)
+    return bin_dir
+
+
+def _overlapping(tmp_path, sent: dict, bin_dir: Path) -> ProcessDeployment:
+    """`deploy run`'s deployment: up once the nodes are online, the trainer still loading."""
+    topology = plan(2, [Host("localhost")], superlink_port=free_port(), nodes_per_round=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return ProcessDeployment(
+        topology, tmp_path / "deploy", env, bin_dir=bin_dir, app_dir=ROOT, run_config=sent, wait_trainers=False
+    )
+
+
+@pytest.mark.deployment
+def test_deploy_run_submits_the_run_while_the_trainer_still_loads(demo, tmp_path):
+    """`deploy run` submits once the nodes are online: the ServerApp starts while the trainer
+    loads (held back here until the run's folder exists), the ClientApps wait for it and the
+    run completes on it; the timeline says when the run was submitted and the trainer ready."""
+    results = tmp_path / "results"
+    results.mkdir()
+    sent, config = resolve_run_config(
+        ROOT, {**demo.run_config(), **TWO_NODES, "num-server-rounds": 1, "results.dir": str(results)}
+    )
+    with _overlapping(tmp_path, sent, _trainer_held_back(tmp_path, results)) as deployment:
+        status = run_on(deployment, ROOT, sent, config)
+        timeline = dict(deployment.timeline)
+    assert status == "finished:completed"
+    assert list(timeline) == ["checked", "superlink", "supernodes", "submitted", "trainers"], timeline
+    assert 0 <= timeline["checked"] <= timeline["superlink"] <= timeline["supernodes"] <= timeline["submitted"]
+    assert timeline["submitted"] < timeline["trainers"], timeline
+    (run_dir,) = results.glob("*-run*")
+    (round_1,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(round_1["clients"]) == 2 and round_1["failed"] == []
+    assert {c["trainer-model-loads"] for c in round_1["clients"]} == {1}
+
+
+@pytest.mark.deployment
+def test_a_trainer_that_cannot_load_stops_the_submitted_run_at_once(demo, tmp_path, reliability):
+    """A model folder whose weights are not a safetensors file: the settings' check passes (it
+    reads the folder, not the weights) and the ServerApp starts (it needs only config.json);
+    the trainer dies three times while loading and its supervisor gives up. `deploy run`
+    stops the run and the deployment within seconds of that, in one line naming the trainer
+    and its log, not after strategy.round-timeout (600 s) of the rounds waiting for it."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(demo.model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    results = tmp_path / "results"
+    results.mkdir()
+    overrides = {**demo.run_config(), **TWO_NODES, "model.name": str(broken), "results.dir": str(results)}
+    sent, config = resolve_run_config(ROOT, overrides)
+    deployment = _overlapping(tmp_path, sent, _trainer_held_back(tmp_path, results))
+    log = deployment.workdir / "logs" / "trainer-cpu.log"
+    with pytest.raises(DeployError) as err, deployment:
+        try:
+            run_on(deployment, ROOT, sent, config)
+        finally:
+            noticed = time.time()
+    gave_up = log.stat().st_mtime  # the supervisor's last line
+    message = str(err.value)
+    assert noticed - gave_up < 30, f"noticed {noticed - gave_up:.0f} s after the trainer's supervisor gave up"
+    assert message.startswith("trainer-cpu exited with code 1: ") and "giving up" in message, message
+    assert f"(log: {log})" in message and "\n" not in message
+    assert message.endswith("; the run stopped before it completed a round: nothing to resume")
+    assert list(results.glob("*-run*")), "the run was submitted and its ServerApp started"
+    workdir = str(deployment.workdir)
+    assert [p for p in psutil.process_iter(["cmdline"]) if workdir in " ".join(p.info["cmdline"] or ())] == []
+    reliability.record(
+        "fault",
+        "deploy run whose trainer cannot load the model (weights not a safetensors file), the run already submitted",
+        f"run stopped {noticed - gave_up:.1f} s after the trainer's supervisor gave up, every process stopped, "
+        f"one line: {re.sub(LOG_TIME, '', message)}",
     )
 
 

@@ -1,7 +1,8 @@
 """Starts a Topology as plain processes on this machine: no Docker needed.
 
 One `flower-superlink`, one `deploy trainer` supervisor per GPU (the warm trainers,
-started first so they load the model while the SuperNodes connect) and one
+started first so they load the model while the SuperNodes connect, and while a run that
+does not wait for them starts its ServerApp) and one
 `flower-supernode` per node, each with its own FLWR_HOME, Runtime API port and
 `CUDA_VISIBLE_DEVICES`. Every process is started in its own process group so that
 stopping the deployment also stops the SuperExec, ClientApp and trainer processes
@@ -34,6 +35,7 @@ from deploy.fetch import fetch
 from deploy.flwr_cli import Connection, FlwrCli, register_connection, write_run_config
 from deploy.project import resolve_run_config
 from deploy.reaped import PREFIX as REAPED
+from deploy.timeline import Timeline
 from deploy.topology import SUPERNODE_ENV, Topology
 
 # Trainers load the model before they listen: a 9B download or a cold page cache is slow.
@@ -84,6 +86,12 @@ class ProcessDeployment:
     under a new node id with its partition, and the run samples it again. The SuperLink
     and the trainer supervisors are not restarted here (the supervisors restart their
     own trainers); `check_alive` reports them.
+
+    With `wait_trainers` False, up() returns once the SuperNodes are online, so that a run
+    submitted then starts its ServerApp while the trainers still load the model (a ClientApp
+    waits for a trainer that is loading). A watcher marks when they are ready; `check_alive`
+    then also reports a trainer not ready within the run config's round timeout, which
+    would otherwise cost the first round.
     """
 
     def __init__(
@@ -95,6 +103,7 @@ class ProcessDeployment:
         bin_dir: Path = Path(sys.executable).parent,
         app_dir: Path | None = None,
         run_config: Mapping[str, Any] | None = None,
+        wait_trainers: bool = True,
     ):
         """`app_dir` and `run_config` (the overrides runs will send) tell trainers what to load."""
         if len(topology.hosts) != 1:
@@ -113,8 +122,10 @@ class ProcessDeployment:
         self._lock = threading.Lock()  # the watcher replaces entries of _started
         self._stop_watching = threading.Event()
         self._watcher: threading.Thread | None = None
-        # Seconds from up()'s start until each part answered: where a start-up's time goes.
-        self.timeline: dict[str, float] = {}
+        self.wait_trainers = wait_trainers
+        self._trainer_watcher: threading.Thread | None = None
+        self._trainers_failed: DeployError | None = None
+        self.timeline = Timeline()  # afresh at up()'s start: seconds from it until each part answered
 
     def __enter__(self) -> ProcessDeployment:
         try:
@@ -128,12 +139,16 @@ class ProcessDeployment:
         self.down()
 
     def up(self, timeout: float = 180) -> None:
-        start = time.monotonic()
+        self.timeline = Timeline()
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        trainer_timeout = TRAINER_TIMEOUT
         if self.app_dir is not None:  # a model or data that cannot be had stops us before anything starts
-            for line in fetch(resolve_run_config(self.app_dir, self.run_config)[1]):
+            config = resolve_run_config(self.app_dir, self.run_config)[1]
+            for line in fetch(config):
                 print(line, flush=True)
-        self.timeline["checked"] = round(time.monotonic() - start, 2)
+            if not self.wait_trainers:
+                trainer_timeout = min(TRAINER_TIMEOUT, config.strategy.round_timeout)
+        self.timeline.mark("checked")
         # Trainers need neither the SuperLink nor a port: started first, their imports and model
         # load, the longest part of a start-up on a GPU host, overlap the SuperLink's and nodes'.
         self._start_trainers()
@@ -159,7 +174,7 @@ class ProcessDeployment:
         )
         # The SuperLink must hold its port before the nodes' Runtime API ports are picked.
         self.cli.wait_for_nodes(0, timeout, self.check_alive)
-        self.timeline["superlink"] = round(time.monotonic() - start, 2)
+        self.timeline.mark("superlink")
         for node, port in zip(self.topology.nodes, free_ports(len(self.topology.nodes))):
             self.start(
                 node.name,
@@ -181,11 +196,16 @@ class ProcessDeployment:
                 },
             )
         self.cli.wait_for_nodes(len(self.topology.nodes), timeout, self.check_alive)
-        self.timeline["supernodes"] = round(time.monotonic() - start, 2)
-        self.wait_for_trainers(TRAINER_TIMEOUT)
-        self.timeline["trainers"] = round(time.monotonic() - start, 2)
+        self.timeline.mark("supernodes")
+        if self.wait_trainers:
+            self._await_trainers(trainer_timeout)
         self._watcher = threading.Thread(target=self._watch, name="supernode-watcher", daemon=True)
         self._watcher.start()
+        if not self.wait_trainers:  # after the node watcher: a node's death is its to handle now
+            self._trainer_watcher = threading.Thread(
+                target=self._watch_trainers, args=(trainer_timeout,), name="trainer-watcher", daemon=True
+            )
+            self._trainer_watcher.start()
 
     def _watch(self, period: float = 1.0) -> None:
         while not self._stop_watching.wait(period):
@@ -237,21 +257,34 @@ class ProcessDeployment:
     def trainer_names(self) -> list[str]:
         return [trainer_name(g.home, k) for g in self.topology.trainers for k in range(g.count)]
 
-    def wait_for_trainers(self, timeout: float) -> dict[str, dict]:
-        """Every trainer answers a handshake once its model is loaded; returns their status."""
+    def _await_trainers(self, timeout: float) -> None:
+        """Every trainer answers a handshake once its model is loaded; then the timeline marks
+        them ready. Raises for a process that died or a trainer still not ready after `timeout`;
+        returns unmarked once the deployment is stopping."""
         deadline = time.monotonic() + timeout
-        status = {}
         for name in self.trainer_names():
-            while name not in status:
+            while not self._stop_watching.is_set():
                 try:
-                    status[name] = ping(self.trainer_dir, name, timeout=1)
+                    ping(self.trainer_dir, name, timeout=1)
+                    break
                 except TrainerUnavailable:
                     self.check_alive()
                     if time.monotonic() > deadline:
+                        why = ", the run's round timeout (strategy.round-timeout)" if timeout < TRAINER_TIMEOUT else ""
                         raise DeployError(
-                            f"trainer {name} not ready after {timeout:.0f} s (log: {self.workdir / 'logs'})"
+                            f"trainer {name} not ready after {timeout:.0f} s{why} (log: {self.workdir / 'logs'})"
                         ) from None
-        return status
+            else:  # the deployment is stopping
+                return
+        self.timeline.mark("trainers")
+
+    def _watch_trainers(self, timeout: float) -> None:
+        """`_await_trainers` beside a submitted run: its error is kept for `check_alive`, which
+        the run's follower asks, so that a trainer that cannot load stops the run at once."""
+        try:
+            self._await_trainers(timeout)
+        except DeployError as failed:
+            self._trainers_failed = failed
 
     def start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
         """One more process of the deployment, stopped with it; its log goes to logs/<name>.log."""
@@ -297,7 +330,10 @@ class ProcessDeployment:
             return {s.name: s.restarts for s in self._started if s.restarts}
 
     def check_alive(self) -> None:
-        """Raises for a process that is down and will not come back by itself."""
+        """Raises for a process that is down and will not come back by itself, or for trainers
+        that the watcher gave up on."""
+        if self._trainers_failed is not None:
+            raise self._trainers_failed
         with self._lock:
             started_now = list(self._started)
         for started in started_now:
@@ -329,8 +365,9 @@ class ProcessDeployment:
         """SIGTERM to every process group and every descendant, then SIGKILL for whatever
         outlives the grace period; returns once all of them are gone."""
         self._stop_watching.set()
-        if self._watcher is not None:
-            self._watcher.join()
+        for watcher in (self._watcher, self._trainer_watcher):
+            if watcher is not None:
+                watcher.join()
         strays = self._descendants()
         for started in self._started:
             _signal_group(started.process, signal.SIGTERM)
