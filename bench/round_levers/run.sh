@@ -25,7 +25,8 @@
 #      today's layout (2x4, two trainings at once, 3 rounds, stamped) on the same machine; BASE=0 leaves
 #      that out (`BASE=0 bash bench/round_levers/run.sh R`)
 #   G  carry as K, right after J where device time is too short for Q and R: the seed's pipeline for 3
-#      rounds (~230 s), its 10-round job extrapolated from imports, round 1 and the median
+#      rounds (~230 s; SEED_ROUNDS=2 ~150 s), its 10-round job extrapolated from imports, round 1 and the
+#      median; in one call with J: `bash bench/round_levers/run.sh J; SEED_ROUNDS=2 LIMIT=170 bash ... G`
 # Conditions as bench/docker_gpu/run.sh: random Gemma2-9B-shaped weights, the demo tokenizer,
 # 1,600 long rows, FP4 + LoRA r=8 on q_proj,v_proj, 20 nodes, 2 a round, FedAvg, 3 rounds.
 . bench/gpu_common.sh "round_levers_$1.log"
@@ -129,9 +130,10 @@ case "$1" in
     stamp "rounds at 2x4, two trainings at once (today's layout)"; RLIMIT=${BASE_LIMIT:-200} round base
     ;;
   G)
-    stamp "the seed's pipeline: 3 FedAvg rounds, its 10-round job extrapolated"
+    n=${SEED_ROUNDS:-3}
+    stamp "the seed's pipeline: $n FedAvg rounds, its 10-round job extrapolated"
     timeout -k 30 "${LIMIT:-300}" $PY bench/seed_mode.py --model "$MODEL" --data-files "$DATA" \
-      --quantization 4 --rounds 3 --json "$O/seed3.json" 2>&1 | grep -E "^round|^save|import|Error"
+      --quantization 4 --rounds "$n" --json "$O/seed$n.json" 2>&1 | grep -E "^round|^save|import|Error"
     ;;
   W)
     PY="env PYTHONPATH=$PWD:$PWD/bench/round_levers/waits_probe FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1 $VENV/bin/python"
