@@ -53,12 +53,12 @@ def chart(rows: dict[str, dict], title: str, png: Path) -> None:
         values = [rows[n][key] for n in names]
         bars = ax.barh(names, values, color=["#999999", *["#2b6cb0"] * (len(names) - 1)])
         for bar, name in zip(bars, names, strict=True):
-            extra = "" if key == "round" or rows[name]["job-measured"] else " (extrapolated)"
+            extra = "" if key == "round" else " (measured)" if rows[name]["job-measured"] else " (extrapolated)"
             value = f"{bar.get_width():.1f}" if key == "round" else f"{bar.get_width():.0f}"
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value}{extra}", va="center")
         ax.set_xlabel(label)
         ax.invert_yaxis()
-        ax.set_xlim(0, max(values) * 1.6)
+        ax.set_xlim(0, max(values) * 1.9)
     axes[1].set_yticks([])
     fig.suptitle(title)
     fig.tight_layout()
