@@ -211,10 +211,12 @@ class FlwrCli:
                 while not done.wait(ALIVE_PERIOD):
                     try:
                         alive()
-                    except DeployError as died:
-                        failed.append(died)
-                        self.stop(run_id)
-                        streamed.terminate()  # whether or not the SuperLink could take the stop
+                    except Exception as died:  # whatever it is, the run must not go on unwatched
+                        failed.append(died if isinstance(died, DeployError) else DeployError(str(died)))
+                        try:
+                            self.stop(run_id)
+                        finally:
+                            streamed.terminate()  # whether or not the SuperLink could take the stop
                         return
 
             watcher = threading.Thread(target=watch, name="run-alive-watch", daemon=True)

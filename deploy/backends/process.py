@@ -285,6 +285,8 @@ class ProcessDeployment:
             self._await_trainers(timeout)
         except DeployError as failed:
             self._trainers_failed = failed
+        except Exception as failed:  # a trainer that died mid-handshake, a refusal: never a silent thread
+            self._trainers_failed = DeployError(f"watching the trainers failed: {type(failed).__name__}: {failed}")
 
     def start(self, name: str, argv: list[str], extra_env: Mapping[str, str]) -> None:
         """One more process of the deployment, stopped with it; its log goes to logs/<name>.log."""
@@ -365,9 +367,12 @@ class ProcessDeployment:
         """SIGTERM to every process group and every descendant, then SIGKILL for whatever
         outlives the grace period; returns once all of them are gone."""
         self._stop_watching.set()
-        for watcher in (self._watcher, self._trainer_watcher):
-            if watcher is not None:
-                watcher.join()
+        if self._watcher is not None:
+            self._watcher.join()
+        if self._trainer_watcher is not None:
+            # Its handshake can wait on a trainer busy training a client (one connection at a
+            # time): stopping the processes below ends that wait, so it is not waited for here.
+            self._trainer_watcher.join(timeout=2)
         strays = self._descendants()
         for started in self._started:
             _signal_group(started.process, signal.SIGTERM)
